@@ -1,0 +1,93 @@
+"""Backend registry: which implementation of an op runs for a given tensor.
+
+Every fused op ships up to four implementations of one contract:
+
+  torch   plain PyTorch; the reference and the fallback, any device
+  cpu     C++ kernels from sparseft._C, CPU tensors
+  triton  Triton kernels, CUDA tensors (CPU tensors under TRITON_INTERPRET=1)
+  cuda    CUDA kernels from sparseft._C, CUDA tensors
+
+The choice is, in order: the op's ``backend=`` keyword, the ``SPARSEFT_BACKEND``
+environment variable, then the default for the device. A backend asked for explicitly
+that cannot run raises with the reason; the automatic choice falls back quietly.
+"""
+
+import functools
+import os
+
+import torch
+
+from sparseft import _ext
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+_DEFAULT_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken triton install raises more than ImportError
+        return False, f"triton is not importable ({exc})"
+    return True, ""
+
+
+def availability(backend, device_type):
+    """(available, reason) for running ``backend`` on tensors of ``device_type``."""
+    if backend == "torch":
+        return True, ""
+    if backend == "cpu":
+        if device_type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, not {device_type}"
+        return _ext.cpu_available()
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, not {device_type}"
+        return _ext.cuda_available()
+    if backend == "triton":
+        ok, reason = _triton_importable()
+        if not ok:
+            return ok, reason
+        if device_type == "cuda":
+            return True, ""
+        if device_type == "cpu" and triton_interpreting():
+            return True, ""
+        return False, f"triton runs on CUDA tensors ({device_type} needs TRITON_INTERPRET=1 and runs slowly)"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(device, implemented, requested=None):
+    """Name of the backend to run an op on ``device``.
+
+    ``implemented`` lists the backends the op has; ``requested`` is the op's ``backend=``
+    keyword. Explicit requests (keyword or SPARSEFT_BACKEND) raise when they cannot run.
+    """
+    explicit = requested if requested is not None else os.environ.get("SPARSEFT_BACKEND") or None
+    device_type = torch.device(device).type
+    if explicit is not None:
+        if explicit not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {explicit!r}")
+        if explicit not in implemented:
+            raise ValueError(f"this op has no {explicit!r} backend (it has {tuple(implemented)})")
+        ok, reason = availability(explicit, device_type)
+        if not ok:
+            raise RuntimeError(f"backend {explicit!r} was requested but cannot run: {reason}")
+        return explicit
+    for name in _DEFAULT_ORDER.get(device_type, ("torch",)):
+        if name in implemented and availability(name, device_type)[0]:
+            return name
+    return "torch"
+
+
+def report():
+    """Rows of (backend, device type, available, reason) for `sparseft info`."""
+    rows = []
+    for backend in BACKENDS:
+        for device_type in ("cpu", "cuda"):
+            ok, reason = availability(backend, device_type)
+            rows.append((backend, device_type, ok, reason))
+    return rows
