@@ -17,8 +17,13 @@ import torch
 from sparseft.ops._chunking import chunk_rows
 
 
+def _wide(t):
+    """Float32 for low-precision inputs; float64 stays float64 so references can use it."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _capped(logits, softcap):
-    x = logits.float()
+    x = _wide(logits)
     return softcap * torch.tanh(x / softcap) if softcap else x
 
 
@@ -47,7 +52,7 @@ def _row_grad(x, labels, lse, scale, label_smoothing, z_loss, softcap):
 
 def ce_forward(logits, labels, scale, label_smoothing, z_loss, softcap):
     """Per-row loss and log-sum-exp of [N, V] logits (both float32, 0 on inactive rows)."""
-    loss = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    loss = logits.new_zeros(logits.shape[0], dtype=_wide(scale).dtype)
     lse = torch.zeros_like(loss)
     rows = scale.nonzero().squeeze(1)
     for start in range(0, rows.numel(), chunk_rows(logits.shape[1])):
@@ -78,19 +83,19 @@ def linear_ce(hidden, weight, bias, labels, scale, label_smoothing, z_loss, soft
     active rows so no [N, V] tensor exists. Gradients (None where not needed) are computed
     in the same pass."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    loss = hidden.new_zeros(n, dtype=torch.float32)
+    acc = _wide(scale).dtype
+    loss = hidden.new_zeros(n, dtype=acc)
     grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-    acc = torch.float32
     grad_weight = torch.zeros_like(weight, dtype=acc) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_grad_bias else None
     need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
-    weight32 = weight.float()
-    bias32 = None if bias is None else bias.float()
+    weight32 = weight.to(acc)
+    bias32 = None if bias is None else bias.to(acc)
     rows = scale.nonzero().squeeze(1)
     step = chunk_rows(vocab)
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
-        h = hidden.index_select(0, idx).float()
+        h = hidden.index_select(0, idx).to(acc)
         x = _capped(torch.nn.functional.linear(h, weight32, bias32), softcap)
         lse = torch.logsumexp(x, dim=1)
         loss[idx] = _row_loss(x, labels[idx], lse, label_smoothing, z_loss)

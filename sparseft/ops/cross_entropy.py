@@ -7,6 +7,7 @@ inputs and a per-row ``scale``; they are registered as torch custom ops so compi
 models treat them as opaque nodes.
 """
 
+import importlib
 import numbers
 from typing import Optional
 
@@ -14,19 +15,16 @@ import torch
 from torch import Tensor
 
 from sparseft import _backends
-from sparseft.ops import _ce_torch
 from sparseft.ops._checks import check_values_enabled
 
 _REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 
-def _implementations():
-    """backend name -> module with linear_ce / ce_forward / ce_backward."""
-    impls = {"torch": _ce_torch}
-    from sparseft.ops import _ce_cpu, _ce_cuda, _ce_triton
-    impls.update(cpu=_ce_cpu, triton=_ce_triton, cuda=_ce_cuda)
-    return impls
+def _implementation(backend):
+    """The module (sparseft.ops._ce_<backend>) with linear_ce / ce_forward / ce_backward."""
+    return importlib.import_module(f"sparseft.ops._ce_{backend}")
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -36,39 +34,38 @@ def _linear_ce_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
                     scale: Tensor, label_smoothing: float, z_loss: float, softcap: float,
                     need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, gh, gw, gb = _implementations()[backend].linear_ce(
+    loss, gh, gw, gb = _implementation(backend).linear_ce(
         hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
         need_grad_hidden, need_grad_weight, need_grad_bias)
-    empty = hidden.new_empty(0)
-    return loss, empty if gh is None else gh, empty if gw is None else gw, empty if gb is None else gb
+    # Custom ops may not return one tensor twice: each missing gradient gets its own empty.
+    return tuple(hidden.new_empty(0) if g is None else g for g in (loss, gh, gw, gb))
 
 
 @_linear_ce_rows.register_fake
 def _(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
       need_grad_hidden, need_grad_weight, need_grad_bias, backend):
-    empty = hidden.new_empty(0)
-    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else empty,
-            torch.empty_like(weight) if need_grad_weight else empty,
-            torch.empty_like(bias) if need_grad_bias else empty)
+    return (hidden.new_empty(hidden.shape[0], dtype=scale.dtype),
+            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_grad_bias else hidden.new_empty(0))
 
 
 @torch.library.custom_op("sparseft::cross_entropy_forward", mutates_args=())
 def _ce_forward(logits: Tensor, labels: Tensor, scale: Tensor, label_smoothing: float,
                 z_loss: float, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _implementations()[backend].ce_forward(logits, labels, scale, label_smoothing, z_loss, softcap)
+    return _implementation(backend).ce_forward(logits, labels, scale, label_smoothing, z_loss, softcap)
 
 
 @_ce_forward.register_fake
 def _(logits, labels, scale, label_smoothing, z_loss, softcap, backend):
-    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    rows = logits.new_empty(logits.shape[0], dtype=scale.dtype)
     return rows, torch.empty_like(rows)
 
 
 @torch.library.custom_op("sparseft::cross_entropy_backward", mutates_args=())
 def _ce_backward(logits: Tensor, lse: Tensor, labels: Tensor, scale: Tensor, label_smoothing: float,
                  z_loss: float, softcap: float, backend: str) -> Tensor:
-    return _implementations()[backend].ce_backward(logits, lse, labels, scale, label_smoothing, z_loss, softcap)
+    return _implementation(backend).ce_backward(logits, lse, labels, scale, label_smoothing, z_loss, softcap)
 
 
 @_ce_backward.register_fake
@@ -129,7 +126,8 @@ def _check_float(name, tensor):
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64: torch backend, for "
+                        f"gradcheck), got {tensor.dtype}")
 
 
 def _check_common(labels, loss_weights, rows_shape, device, vocab, ignore_index, label_smoothing,
@@ -184,9 +182,9 @@ def _check_common(labels, loss_weights, rows_shape, device, vocab, ignore_index,
 
 # ----------------------------------------------------------------------------- shared preparation
 
-def _prepare_rows(labels, loss_weights, ignore_index, reduction, num_items_in_batch, shift, device):
+def _prepare_rows(labels, loss_weights, ignore_index, reduction, num_items_in_batch, shift, device, dtype):
     """Flattens labels and weights (shifted when asked) and returns
-    (labels int64 [N], token weights float32 [N], row scale float32 [N])."""
+    (labels int64 [N], token weights [N], row scale [N]), float32 (float64 for float64 inputs)."""
     if shift:
         pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
         labels = torch.cat([labels[..., 1:], pad], dim=-1)
@@ -194,18 +192,23 @@ def _prepare_rows(labels, loss_weights, ignore_index, reduction, num_items_in_ba
             loss_weights = torch.cat([loss_weights[..., 1:], loss_weights.new_zeros(pad.shape)], dim=-1)
     labels = labels.reshape(-1).long()
     active = labels != ignore_index
-    weights = active.float() if loss_weights is None else loss_weights.reshape(-1).float() * active
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = active.to(acc) if loss_weights is None else loss_weights.reshape(-1).to(acc) * active
     labels = torch.where(active, labels, torch.zeros_like(labels))
     if reduction == "mean":
         if num_items_in_batch is None:
             total = weights.sum()
         else:
-            total = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device).reshape(())
+            total = torch.as_tensor(num_items_in_batch, device=device).to(acc).reshape(())
         # No active token: the loss is 0 with zero gradients, not 0/0.
         scale = weights / torch.where(total > 0, total, torch.ones_like(total))
     else:
         scale = weights
     return labels, weights, scale
+
+
+def _implemented_for(dtype):
+    return ("torch",) if dtype == torch.float64 else _ALL_BACKENDS
 
 
 def _options(label_smoothing, z_loss, softcap):
@@ -243,10 +246,10 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, loss_weights=None
                              f"{hidden.device}, got {tuple(bias.shape)} {bias.dtype} {bias.device}")
     _check_common(labels, loss_weights, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index,
                   label_smoothing, z_loss, softcap, reduction, num_items_in_batch, shift)
-    chosen = _backends.resolve(hidden.device, ("torch", "cpu", "triton", "cuda"), backend)
+    chosen = _backends.resolve(hidden.device, _implemented_for(hidden.dtype), backend)
 
     rows_labels, token_weights, scale = _prepare_rows(labels, loss_weights, ignore_index, reduction,
-                                                      num_items_in_batch, shift, hidden.device)
+                                                      num_items_in_batch, shift, hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(hidden2d, weight, bias, rows_labels, scale, token_weights,
                                      reduction != "none", _options(label_smoothing, z_loss, softcap), chosen)
@@ -263,10 +266,10 @@ def cross_entropy(logits, labels, *, loss_weights=None, ignore_index=-100, label
         raise ValueError("logits must have shape [..., V]")
     _check_common(labels, loss_weights, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index,
                   label_smoothing, z_loss, softcap, reduction, num_items_in_batch, shift)
-    chosen = _backends.resolve(logits.device, ("torch", "cpu", "triton", "cuda"), backend)
+    chosen = _backends.resolve(logits.device, _implemented_for(logits.dtype), backend)
 
     rows_labels, token_weights, scale = _prepare_rows(labels, loss_weights, ignore_index, reduction,
-                                                      num_items_in_batch, shift, logits.device)
+                                                      num_items_in_batch, shift, logits.device, logits.dtype)
     logits2d = logits.reshape(-1, logits.shape[-1])
     loss = _CrossEntropy.apply(logits2d, rows_labels, scale, token_weights, reduction != "none",
                                _options(label_smoothing, z_loss, softcap), chosen)
