@@ -12,7 +12,6 @@ environment variable, then the default for the device. A backend asked for expli
 that cannot run raises with the reason; the automatic choice falls back quietly.
 """
 
-import functools
 import os
 
 import torch
@@ -27,13 +26,18 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_status = None
+
+
 def _triton_importable():
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken triton install raises more than ImportError
-        return False, f"triton is not importable ({exc})"
-    return True, ""
+    global _triton_status
+    if _triton_status is None:
+        try:
+            import triton  # noqa: F401
+            _triton_status = (True, "")
+        except Exception as exc:  # a broken triton install raises more than ImportError
+            _triton_status = (False, f"triton is not importable ({exc})")
+    return _triton_status
 
 
 def availability(backend, device_type):

@@ -1,19 +1,22 @@
 """Loads the native extension ``sparseft._C`` once and remembers why it could not load."""
 
-import functools
-
 import torch  # noqa: F401  (the extension links against libtorch, which must load first)
 
+# A plain module-level cache (not functools.lru_cache) so torch.compile traces through it.
+_loaded = None
 
-@functools.lru_cache(maxsize=None)
+
 def load():
     """Returns (module or None, reason string when None)."""
-    try:
-        from sparseft import _C
-    except ImportError as exc:
-        return None, (f"sparseft._C is not built ({exc}); reinstall with "
-                      "`pip install --no-build-isolation .` and a C++ compiler")
-    return _C, ""
+    global _loaded
+    if _loaded is None:
+        try:
+            from sparseft import _C
+            _loaded = (_C, "")
+        except ImportError as exc:
+            _loaded = (None, f"sparseft._C is not built ({exc}); reinstall with "
+                             "`pip install --no-build-isolation .` and a C++ compiler")
+    return _loaded
 
 
 def cpu_available():
