@@ -1,3 +1,4 @@
 from sparseft.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from sparseft.ops.sampled_grad import sampled_weight_grad
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "sampled_weight_grad"]

@@ -1,0 +1,205 @@
+"""Linear layers trained only at a mask, without dense weight gradients.
+
+``sparsify(model, masks)`` swaps each targeted ``nn.Linear`` for a :class:`SparseLinear`:
+
+* ``weight``         the dense nn.Parameter, ``requires_grad=False``, always holding the current
+                     values (state_dict keys stay ``<name>.weight``);
+* ``weight_indices`` buffer: the mask (sorted unique flat indices into ``weight.view(-1)``);
+* ``weight_values``  nn.Parameter [nnz], ``requires_grad=True``, equal to
+                     ``weight.view(-1)[weight_indices]``; after backward its ``.grad`` is the
+                     compact weight gradient. It carries ``_sparseft_module`` (this module) so
+                     ``sparseft.optim.SparseAdamW`` updates the values and scatters them into
+                     ``weight`` in one kernel. Any other writer of the values must do the same.
+
+Backward computes grad_input densely, the weight gradient only at the mask
+(``sparseft.ops.sampled_grad``) and no dense weight gradient at all. Gradients of several
+backward passes accumulate in ``weight_values.grad`` as usual.
+
+Dtypes. Without autocast every tensor keeps the layer's dtype. Under ``torch.autocast`` with
+dtype ``c`` (e.g. bf16 on CPU): input, weight and bias are cast to ``c`` for the forward GEMM,
+the output is ``c``, the saved input is the ``c`` copy (as nn.Linear under autocast);
+grad_input is computed in ``c`` and returned in the input's dtype; the values' gradient is
+accumulated in float32 from ``c`` operands and stored in the values' dtype; grad_bias is
+summed in float32 and stored in the bias dtype.
+"""
+
+import torch
+from torch import nn
+
+from sparseft.masks._validate import validate_mask
+from sparseft.ops.sampled_grad import resolve_backend, sampled_grad_2d
+
+
+def _compute_dtype(x):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """out = x @ weight^T + bias; gradients for x, the values (compact) and the bias.
+    ``values`` enters only so autograd routes its gradient; ``weight`` holds the same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, values, bias, indices, backend):
+        dtype = _compute_dtype(x)
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        b_c = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = nn.functional.linear(x_c, w_c, b_c)
+        ctx.save_for_backward(x_c, weight, indices)
+        ctx.x_dtype, ctx.values_dtype, ctx.backend = x.dtype, values.dtype, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, weight, indices = ctx.saved_tensors
+        need_x, _, need_values, need_bias = ctx.needs_input_grad[:4]
+        dy = grad_out.to(x_c.dtype).reshape(-1, grad_out.shape[-1])
+        grad_x = grad_values = grad_bias = None
+        if need_x:
+            grad_x = (dy @ weight.to(dy.dtype)).reshape(x_c.shape).to(ctx.x_dtype)
+        if need_values:
+            grad_values = sampled_grad_2d(dy, x_c.reshape(-1, x_c.shape[-1]), indices,
+                                          ctx.backend).to(ctx.values_dtype)
+        if need_bias:
+            grad_bias = dy.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_values, grad_bias, None, None
+
+
+class SparseLinear(nn.Module):
+    """An nn.Linear whose weight trains only at ``weight_indices`` (see the module docstring).
+    Build it with :meth:`from_linear` or :func:`sparsify`."""
+
+    def __init__(self, weight, bias, indices, backend=None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.backend = backend
+        self._weight_requires_grad = weight.requires_grad
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        self.register_buffer("weight_indices", indices.to(weight.device))
+        self.weight_values = nn.Parameter(weight.detach().view(-1)[self.weight_indices].clone())
+        self.weight_values._sparseft_module = self
+        self.register_load_state_dict_post_hook(SparseLinear._after_load)
+
+    @classmethod
+    def from_linear(cls, linear, indices, backend=None):
+        """Wraps ``linear``'s own weight and bias Parameters (no copy)."""
+        return cls(linear.weight, linear.bias, indices, backend)
+
+    def to_linear(self):
+        """An nn.Linear holding this module's weight and bias Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        self.weight.requires_grad_(self._weight_requires_grad)
+        return linear
+
+    def forward(self, x):
+        backend = resolve_backend(x.device, self.backend)
+        return _SparseLinearFunction.apply(x, self.weight, self.weight_values, self.bias, self.weight_indices,
+                                           backend)
+
+    @torch.no_grad()
+    def reindex_(self, new_indices):
+        """Moves the mask to ``new_indices``: the buffer is replaced and ``weight_values.data``
+        becomes ``weight.view(-1)[new_indices]`` (same Parameter object). A pending gradient of
+        the old mask no longer lines up with the values and is dropped."""
+        validate_mask(new_indices, self.weight.numel(), "new_indices")
+        self.weight_indices = new_indices.to(self.weight.device)
+        self.weight_values.data = self.weight.view(-1)[self.weight_indices].clone()
+        self.weight_values.grad = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may hold another mask: adopt it first so the values' shape matches.
+        indices = state_dict.get(prefix + "weight_indices")
+        if isinstance(indices, torch.Tensor) and not torch.equal(indices.to(self.weight_indices.device),
+                                                                 self.weight_indices):
+            self.reindex_(indices)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys):
+        # weight is the source of truth: the values follow it, so a plain nn.Linear state dict
+        # (no values, no indices) loads too and keeps the current mask.
+        with torch.no_grad():
+            module.weight_values.copy_(module.weight.view(-1)[module.weight_indices])
+        module.weight_values._sparseft_module = module  # load_state_dict(assign=True) makes a new Parameter
+        derived = {"weight_values", "weight_indices"}
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                             if k.rsplit(".", 1)[-1] not in derived]
+
+    def __setstate__(self, state):
+        # deepcopy and pickling rebuild Parameters without their attributes.
+        super().__setstate__(state)
+        self.weight_values._sparseft_module = self
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.weight_indices.numel()}")
+
+
+def _parent_and_child(model, module_name):
+    parent_name, _, child = module_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def sparsify(model, masks, backend=None):
+    """Replaces, in place, each ``nn.Linear`` named ``n`` with ``n + ".weight"`` in ``masks``
+    by a :class:`SparseLinear` trained at that mask; already sparsified modules are re-indexed.
+    ``masks`` maps parameter names to masks (e.g. a sparseft.masks.MaskSet). Every name and mask
+    is checked before anything changes. Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not hasattr(masks, "items"):
+        raise TypeError(f"masks must be a dict of parameter name -> indices, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    owners = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(param_name)
+    unknown, not_linear, shared, targets = [], [], [], []
+    for name, indices in masks.items():
+        module_name, dot, leaf = name.rpartition(".")
+        module = modules.get(module_name) if dot else None
+        if leaf != "weight" or module is None:
+            unknown.append(name)
+        elif type(module) not in (nn.Linear, SparseLinear):
+            not_linear.append(f"{name} ({type(module).__name__})")
+        elif len(owners.get(id(module.weight), ())) > 1:
+            shared.append(f"{name} (also {', '.join(n for n in owners[id(module.weight)] if n != name)})")
+        else:
+            targets.append((module_name, module, indices))
+    if unknown:
+        raise ValueError(f"masks name parameters that are not '<module>.weight' of this model: {unknown}")
+    if not_linear:
+        raise ValueError(f"masks name weights of modules that are not plain nn.Linear: {not_linear}")
+    if shared:
+        raise ValueError(f"masks name tied weights, which cannot be sparsified: {shared}")
+    for module_name, module, indices in targets:
+        validate_mask(indices, module.weight.numel(), module_name + ".weight")
+    for module_name, module, indices in targets:
+        if isinstance(module, SparseLinear):
+            module.reindex_(indices)
+            if backend is not None:
+                module.backend = backend
+        else:
+            parent, child = _parent_and_child(model, module_name)
+            setattr(parent, child, SparseLinear.from_linear(module, indices, backend))
+    return model
+
+
+def unsparsify(model):
+    """Replaces, in place, every :class:`SparseLinear` by an nn.Linear holding its current
+    weight and bias. Returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            if not name:
+                raise ValueError("unsparsify needs a model that contains SparseLinear modules, not one itself; "
+                                 "use SparseLinear.to_linear()")
+            parent, child = _parent_and_child(model, name)
+            setattr(parent, child, module.to_linear())
+    return model
