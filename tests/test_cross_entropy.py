@@ -228,15 +228,36 @@ def test_gradcheck_float64():
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 6, -100, 3, 2])
     loss_weights = torch.tensor([1.0, 0.5, 1.0, 2.0, 0.0], dtype=torch.float64)
-    for reduction in ("mean", "none"):
-        def fn(h, w, b):
-            return sparseft.linear_cross_entropy(h, w, labels, b, loss_weights=loss_weights, label_smoothing=0.1,
-                                                 z_loss=1e-2, softcap=2.0, reduction=reduction)
-        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
-        assert torch.autograd.gradgradcheck is not None
+    kw = dict(loss_weights=loss_weights, label_smoothing=0.1, z_loss=1e-2, softcap=2.0)
+
+    # Per-token losses recompute in the backward, so gradcheck can call it repeatedly.
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: sparseft.linear_cross_entropy(h, w, labels, b, reduction="none", **kw), (hidden, weight, bias))
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x: sparseft.cross_entropy(x, labels, label_smoothing=0.1, softcap=2.0, reduction="none"), (logits,))
+
+    # Reduced losses take their gradients from the forward (one backward per forward):
+    # check them against central differences along a random direction.
+    def loss_at(h, w, b):
+        return sparseft.linear_cross_entropy(h, w, labels, b, **kw)
+    grads = torch.autograd.grad(loss_at(hidden, weight, bias), (hidden, weight, bias))
+    directions = [torch.randn_like(t) for t in (hidden, weight, bias)]
+    eps = 1e-6
+    with torch.no_grad():
+        plus = loss_at(*(t + eps * d for t, d in zip((hidden, weight, bias), directions)))
+        minus = loss_at(*(t - eps * d for t, d in zip((hidden, weight, bias), directions)))
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions))
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_reduced_loss_refuses_a_second_backward():
+    hidden, weight, labels, _ = make_inputs(6, 8, 11)
+    loss = sparseft.linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through it twice"):
+        loss.backward()
 
 
 class TinyLM(torch.nn.Module):

@@ -87,6 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.reduce = reduce
         if reduce:
             ctx.save_for_backward(gh, gw, gb)
+            ctx.scaled = False
             return (scale * loss).sum()
         ctx.options, ctx.backend = options, backend
         ctx.save_for_backward(hidden, weight, bias, labels, token_weights)
@@ -96,7 +97,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         needs = ctx.needs_input_grad[:3]
         if ctx.reduce:
-            grads = tuple(g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, needs))
+            # The gradients are this op's own buffers: scaling them in place saves a copy the
+            # size of the weight, at the price of a single backward per forward.
+            if ctx.scaled:
+                raise RuntimeError("linear_cross_entropy computes its gradients in the forward and scales them "
+                                   "in place: backward through it twice (retain_graph=True) is not supported")
+            ctx.scaled = True
+            grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(ctx.saved_tensors, needs))
         else:
             hidden, weight, bias, labels, token_weights = ctx.saved_tensors
             _, *grads = _linear_ce_rows(hidden, weight, bias, labels, token_weights * grad_loss,

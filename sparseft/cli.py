@@ -1,0 +1,87 @@
+"""The `sparseft` command: `sparseft info` and `sparseft bench [ce|sparse]`."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _info(_args):
+    from sparseft import __version__, _backends
+    print(f"sparseft {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    try:
+        import triton
+        print(f"triton {triton.__version__} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})")
+    except Exception as exc:
+        print(f"triton: not importable ({exc})")
+    forced = os.environ.get("SPARSEFT_BACKEND")
+    if forced:
+        print(f"SPARSEFT_BACKEND={forced} forces that backend")
+    print(f"{'backend':8} {'device':6} available")
+    for backend, device, ok, reason in _backends.report():
+        print(f"{backend:8} {device:6} {'yes' if ok else 'no: ' + reason}")
+    for device in ("cpu", "cuda"):
+        print(f"default on {device}: {_backends.resolve(device, _backends.BACKENDS) if not forced else forced}")
+    return 0
+
+
+def _progress(message):
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _bench_ce(args):
+    from sparseft.bench import ce
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    cases = args.cases.split(",") if args.cases else ce.default_cases(args.device)
+    rows = ce.run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")], dtype, args.device, cases,
+                  masked_fractions=(0.0, 0.5), repeats=args.repeats, progress=_progress)
+    print(ce.table(rows))
+    if args.png:
+        ce.plot(rows, args.png)
+        print(f"plot written to {args.png}")
+    return rows
+
+
+def _bench_sparse(args):
+    from sparseft.bench import sparse
+    return sparse.main_rows(args, progress=_progress)
+
+
+def _bench(args):
+    results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "torch": torch.__version__}
+    if args.what in ("ce", "all"):
+        results["ce"] = _bench_ce(args)
+    if args.what in ("sparse", "all"):
+        results["sparse"] = _bench_sparse(args)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="sparseft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backends available here, and why not").set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="benchmarks against the peers (time and peak memory)")
+    bench.add_argument("what", nargs="?", default="all", choices=["ce", "sparse", "all"])
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    bench.add_argument("--shapes", default="smollm2", help="ce: comma list of smollm2,llama3")
+    bench.add_argument("--tokens", default="4096", help="ce: comma list of token counts")
+    bench.add_argument("--cases", default=None, help="ce: comma list of cases (default: all that run here)")
+    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--json", default="sparseft-bench.json", help="where to write the results")
+    bench.add_argument("--png", default=None, help="ce: draw time and memory against tokens")
+    bench.add_argument("--full", action="store_true", help="sparse: all shapes, densities and the SmolLM2 step")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
