@@ -1,0 +1,5 @@
+"""Optimizers for sparse and memory-efficient fine-tuning."""
+
+from sparseft.optim.sparse_adamw import SparseAdamW
+
+__all__ = ["SparseAdamW"]

@@ -1,0 +1,353 @@
+"""SparseAdamW: AdamW over the masked entries of each parameter, with compact state.
+
+Two kinds of parameters:
+
+(a) a dense parameter with a mask (sorted unique flat indices into ``param.view(-1)``): its
+    dense ``.grad`` is gathered at the indices inside the fused kernel;
+(b) the ``weight_values`` parameter of a module made by ``sparseft.sparsify`` (it carries
+    ``_sparseft_module``): its ``.grad`` is already compact; the update goes to the values
+    and, in the same kernel, into ``module.weight.view(-1)[module.weight_indices]``. The
+    module owns the mask, so its masks entry must be None.
+
+State per parameter: ``indices`` (the mask, so a checkpoint is self-contained), and after
+the first step ``exp_avg``/``exp_avg_sq`` (float32, [nnz]) and ``step`` (int32, [nnz]).
+Step counts are per entry: bias correction uses each entry's own count, so entries that
+join at ``update_masks`` start from zero moments with exactly the bias correction of a
+fresh AdamW, while surviving entries keep their moments and counts. Entries outside the
+masks are never written (weight decay included). ``state_dict`` holds only tensors and
+plain values (``torch.load(weights_only=True)`` reads it) and resume is bit-exact.
+"""
+
+import torch
+
+from sparseft import _backends
+from sparseft.masks._validate import validate_mask
+from sparseft.optim._sparse_adamw_backends import sparse_adamw_step
+
+_STATE_KEYS = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
+
+
+def _module_of(param):
+    """The sparse module a compact ``weight_values`` parameter belongs to, else None."""
+    return getattr(param, "_sparseft_module", None)
+
+
+class _MaskLookup:
+    """Mask entries given as a list aligned with the params, or a dict keyed by param name
+    (named params) or by position; remembers which were used so leftovers can be reported."""
+
+    def __init__(self, masks, what):
+        self.what = what
+        if masks is not None and not isinstance(masks, (list, tuple, dict)):
+            raise TypeError(f"{what}: expected a list aligned with the params or a dict, got {type(masks).__name__}")
+        self.masks = masks
+        self.used = set()
+
+    def get(self, position, name):
+        """(found, mask) for the param at ``position`` (in this lookup's order) named ``name``."""
+        if self.masks is None:
+            return False, None
+        if isinstance(self.masks, dict):
+            if name is None and any(isinstance(k, str) for k in self.masks):
+                raise ValueError(f"{self.what} is keyed by parameter name: pass named params, such as "
+                                 "model.named_parameters(), or key it by position")
+            keys = [k for k in (name, position) if k is not None and k in self.masks]
+            if not keys:
+                return False, None
+            self.used.add(keys[0])
+            return True, self.masks[keys[0]]
+        if position >= len(self.masks):
+            raise ValueError(f"{self.what}: {len(self.masks)} entries, fewer than the params; "
+                             "a mask list must be aligned with the params (None for sparsified values)")
+        self.used.add(position)
+        return True, self.masks[position]
+
+    def finish(self, count):
+        if self.masks is None:
+            return
+        if isinstance(self.masks, dict):
+            unknown = [k for k in self.masks if k not in self.used]
+            if unknown:
+                raise ValueError(
+                    f"{self.what}: entries for parameters not in the optimizer: {unknown[:5]}"
+                    f"{' ...' if len(unknown) > 5 else ''} (keys are names, which need named params such as "
+                    "model.named_parameters(), or positions; after sparseft.sparsify the sparse modules carry "
+                    "their own masks, so pass masks=None for their weight_values)")
+        elif len(self.masks) != count:
+            raise ValueError(f"{self.what}: {len(self.masks)} entries for {count} params; "
+                             "a mask list must be aligned with the params")
+
+
+def _check_hyper(group, where):
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+    elif not lr >= 0.0:
+        raise ValueError(f"{where}lr: expected >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}betas: expected two floats in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"{where}eps: expected >= 0, got {eps}")
+    if not wd >= 0.0:
+        raise ValueError(f"{where}weight_decay: expected >= 0, got {wd}")
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch.optim.AdamW semantics) on masked entries only.
+
+    Args:
+        params: parameters, ``(name, param)`` pairs (e.g. ``model.named_parameters()``) or
+            param groups; a group may carry its own ``"masks"`` (list aligned with its params,
+            or dict by name).
+        masks: one entry per parameter: a list aligned with all params (over all groups, in
+            order), or a dict keyed by param name (named params) or position. An entry is a
+            mask (sorted unique int32 flat indices; int64 from 2**31 elements) or None for a
+            sparsified ``weight_values`` param. A trainable param with neither raises; a
+            frozen one without a mask is held but never stepped.
+        backend: "torch" | "cpu" | "triton" | "cuda" | None (automatic; see sparseft._backends).
+    """
+
+    def __init__(self, params, masks=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 backend=None):
+        if backend is not None and backend not in _backends.BACKENDS:
+            raise ValueError(f"backend must be one of {_backends.BACKENDS} or None, got {backend!r}")
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay)
+        _check_hyper(defaults, "")
+        self.backend = backend
+        self._init_masks = _MaskLookup(masks, "masks")
+        self._n_params = 0
+        super().__init__(params, defaults)
+        self._init_masks.finish(self._n_params)
+        del self._init_masks
+
+    # ----------------------------------------------------------------- construction
+    def add_param_group(self, param_group):
+        param_group = dict(param_group)
+        group_lookup = _MaskLookup(param_group.pop("masks", None), f"param_groups[{len(self.param_groups)}]['masks']")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyper(group, f"param_groups[{len(self.param_groups) - 1}]: ")
+            states = []
+            init_lookup = getattr(self, "_init_masks", None)
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                position = self._n_params + i
+                name = self._name(group, i, position)
+                in_group, mask = group_lookup.get(i, names[i] if names else None)
+                if init_lookup is not None:
+                    in_init, init_mask = init_lookup.get(position, names[i] if names else None)
+                    if in_init and init_mask is not None:
+                        if in_group and mask is not None:
+                            raise ValueError(f"{name}: a mask is given both in masks and in its param group")
+                        mask = init_mask
+                states.append(self._initial_state(p, mask, name))
+            group_lookup.finish(len(group["params"]))
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p, state in zip(group["params"], states):
+            if state is not None:
+                self.state[p] = state
+        self._n_params += len(group["params"])
+
+    @staticmethod
+    def _name(group, i, position):
+        names = group.get("param_names")
+        return names[i] if names is not None else f"params[{position}]"
+
+    @staticmethod
+    def _initial_state(p, mask, name):
+        module = _module_of(p)
+        if module is not None:
+            if mask is not None:
+                raise ValueError(f"{name}: compact weight_values of a sparsified module carry their own mask; "
+                                 "its masks entry must be None")
+            _check_module(p, module, name)
+            validate_mask(module.weight_indices, module.weight.numel(), name)
+            return {"indices": module.weight_indices}
+        if mask is None:
+            if p.requires_grad:
+                raise ValueError(f"{name}: a trainable parameter needs a mask (or must be the weight_values of a "
+                                 "module made by sparseft.sparsify)")
+            return None
+        _check_dense_param(p, name)
+        validate_mask(mask, p.numel(), name)
+        return {"indices": mask.to(p.device)}
+
+    # ----------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        position = 0
+        for group in self.param_groups:
+            lr = group["lr"]
+            lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # one host read per group and step
+            beta1, beta2 = group["betas"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    target, values, state = self._prepare(p, lambda: self._name(group, i, position + i))
+                    try:
+                        sparse_adamw_step(target, state["indices"], p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                          state["step"], values, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                          weight_decay=group["weight_decay"], backend=self.backend)
+                    except (TypeError, ValueError) as exc:  # argument checks run before the kernel
+                        raise type(exc)(f"{self._name(group, i, position + i)}: {exc}") from None
+            position += len(group["params"])
+        return loss
+
+    def _prepare(self, p, name_of):
+        """(target, values, state) for one step of ``p``; creates the moments on first use.
+        ``name_of()`` names ``p`` in errors (built only when one is raised)."""
+        state = self.state.get(p)
+        if not state:
+            raise ValueError(f"{name_of()} has a gradient but no mask: it was frozen without a mask when the optimizer "
+                             "was built; give it a mask through update_masks")
+        if p.grad.is_sparse:
+            raise TypeError(f"{name_of()}: sparse COO gradients are not supported; SparseAdamW gathers dense or "
+                            "compact gradients")
+        module = _module_of(p)
+        if module is not None:
+            indices = module.weight_indices
+            if indices is not state["indices"]:
+                if indices.shape != state["indices"].shape:
+                    raise ValueError(f"{name_of()}: the module's mask changed outside SparseAdamW.update_masks "
+                                     f"({state['indices'].numel()} -> {indices.numel()} entries)")
+                state["indices"] = indices  # the same mask, moved (module.to)
+            target, values = module.weight, p
+        else:
+            target, values = p, None
+        if state["indices"].device != target.device:
+            state["indices"] = state["indices"].to(target.device)
+        if "exp_avg" not in state:
+            nnz = state["indices"].numel()
+            for key, dtype in _STATE_KEYS.items():
+                state[key] = torch.zeros(nnz, dtype=dtype, device=target.device)
+        elif state["exp_avg"].device != target.device:
+            for key in _STATE_KEYS:
+                state[key] = state[key].to(target.device)
+        return target, values, state
+
+    # ----------------------------------------------------------------- mask refresh
+    @torch.no_grad()
+    def update_masks(self, new_masks):
+        """Replace masks, keeping the moments and step counts of surviving entries.
+
+        ``new_masks``: a list aligned with all params (None keeps a mask), or a dict keyed by
+        position or (with named params) by name. New entries start with zero moments and step
+        count 0 (so their bias correction is a fresh AdamW's); dropped entries are discarded.
+        For sparsified values the module is re-indexed (``module.reindex_``) and the stale
+        compact ``.grad`` is cleared. Every mask is validated before anything changes.
+        """
+        lookup = _MaskLookup(new_masks, "new_masks")
+        changes = []
+        position = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                name = self._name(group, i, position + i)
+                _, mask = lookup.get(position + i, name if "param_names" in group else None)
+                if mask is not None:
+                    module = _module_of(p)
+                    if module is None:
+                        _check_dense_param(p, name)
+                    validate_mask(mask, (module.weight if module is not None else p).numel(), name)
+                    changes.append((p, module, mask))
+            position += len(group["params"])
+        lookup.finish(position)
+        for p, module, mask in changes:
+            device = (module.weight if module is not None else p).device
+            mask = mask.to(device)
+            state = self.state.get(p) or {}
+            new_state = {"indices": mask}
+            if "exp_avg" in state:
+                kept = _remap(state["indices"].to(device), mask, [state[k].to(device) for k in _STATE_KEYS])
+                new_state.update(zip(_STATE_KEYS, kept))
+            if module is not None:
+                module.reindex_(mask)
+                new_state["indices"] = module.weight_indices
+                p.grad = None
+            self.state[p] = new_state
+
+    # ----------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict):
+        """Load a checkpoint; every saved entry is validated before anything changes.
+
+        torch's loader would cast every tensor to the param's dtype (indices and float32
+        moments included), so the per-param state is adopted here and torch loads the
+        param groups (load hooks see the groups, with the state left out). Saved masks of
+        sparsified values re-index their modules when they differ.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = [self._name(g, i, None) if "param_names" in g else None
+                 for g in self.param_groups for i in range(len(g["params"]))]
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict: {len(saved_ids)} saved params for {len(params)} in this optimizer")
+        adopted = {}
+        for position, (pid, p) in enumerate(zip(saved_ids, params)):
+            if pid in state_dict["state"]:
+                adopted[p] = _adopt_state(p, state_dict["state"][pid], names[position] or f"params[{position}]")
+        previous = dict(self.state)
+        super().load_state_dict({**state_dict, "state": {}})
+        for p in params:
+            if p in adopted:
+                state = adopted[p]
+                module = _module_of(p)
+                if module is not None:
+                    current = module.weight_indices
+                    if current.shape != state["indices"].shape or not torch.equal(current, state["indices"]):
+                        module.reindex_(state["indices"])
+                    state["indices"] = module.weight_indices
+                self.state[p] = state
+            elif previous.get(p):
+                self.state[p] = {"indices": previous[p]["indices"]}
+
+
+def _check_module(p, module, name):
+    for attr in ("weight", "weight_indices", "reindex_"):
+        if not hasattr(module, attr):
+            raise TypeError(f"{name}: its _sparseft_module lacks {attr!r} (see sparseft.sparsify)")
+    if p.dim() != 1 or p.numel() != module.weight_indices.numel():
+        raise ValueError(f"{name}: compact values of shape {tuple(p.shape)} for a mask of "
+                         f"{module.weight_indices.numel()} entries")
+
+
+def _check_dense_param(p, name):
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: SparseAdamW updates float32/bfloat16/float16 weights, got {p.dtype}")
+    if not p.is_contiguous():
+        raise ValueError(f"{name}: a masked parameter must be contiguous (masks index param.view(-1))")
+
+
+def _remap(old_indices, new_indices, tensors):
+    """Rows of ``tensors`` (aligned with old_indices) at new_indices; zero where new."""
+    if old_indices.numel() == 0:
+        return [torch.zeros(new_indices.numel(), dtype=t.dtype, device=t.device) for t in tensors]
+    pos = torch.searchsorted(old_indices, new_indices).clamp_(max=old_indices.numel() - 1)
+    survives = old_indices[pos] == new_indices
+    return [torch.where(survives, t[pos], torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors]
+
+
+def _adopt_state(p, entry, name):
+    """A validated copy of one saved state entry on the param's device, dtypes kept."""
+    if not isinstance(entry, dict) or "indices" not in entry:
+        raise ValueError(f"state_dict: the state of {name} has no 'indices' (not a SparseAdamW checkpoint?)")
+    module = _module_of(p)
+    target = module.weight if module is not None else p
+    validate_mask(entry["indices"], target.numel(), f"state_dict: {name} indices")
+    state = {"indices": entry["indices"].to(target.device, copy=True)}
+    present = [k for k in _STATE_KEYS if k in entry]
+    if present and len(present) != len(_STATE_KEYS):
+        raise ValueError(f"state_dict: the state of {name} has {present}, expected all of {list(_STATE_KEYS)}")
+    nnz = state["indices"].numel()
+    for key in present:
+        t = entry[key]
+        if not isinstance(t, torch.Tensor) or t.dtype != _STATE_KEYS[key] or t.shape != (nnz,):
+            raise ValueError(f"state_dict: {name} {key} must be a {_STATE_KEYS[key]} tensor of shape ({nnz},)")
+        state[key] = t.to(target.device, copy=True)
+    return state
