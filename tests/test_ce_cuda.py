@@ -1,4 +1,4 @@
-"""The CUDA backend of the masked-loss cross-entropy (sparseft/ops/_ce_cuda.py) against the
+"""The CUDA backend of the masked-loss cross-entropy (sparseft/ops/_ce_native.py on CUDA tensors) against the
 plain-PyTorch specification (_ce_torch) computed in float64 from the same inputs.
 
 Needs a GPU and sparseft._C built with its CUDA kernels; skipped otherwise. The vocabulary
@@ -17,7 +17,7 @@ _available, _reason = (_backends.availability("cuda", "cuda") if torch.cuda.is_a
 pytestmark = pytest.mark.skipif(not _available, reason=f"cuda backend unavailable: {_reason}")
 
 if _available:
-    from sparseft.ops import _ce_cuda
+    from sparseft.ops import _ce_native as _ce_cuda
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OPTIONS = ((0.0, 0.0, 0.0), (0.1, 1e-3, 30.0))  # (label_smoothing, z_loss, softcap)

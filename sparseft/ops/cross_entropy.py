@@ -22,9 +22,12 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 
+_MODULES = {"torch": "_ce_torch", "cpu": "_ce_native", "cuda": "_ce_native", "triton": "_ce_triton"}
+
+
 def _implementation(backend):
-    """The module (sparseft.ops._ce_<backend>) with linear_ce / ce_forward / ce_backward."""
-    return importlib.import_module(f"sparseft.ops._ce_{backend}")
+    """The module with linear_ce / ce_forward / ce_backward for a backend (imported on first use)."""
+    return importlib.import_module(f"sparseft.ops.{_MODULES[backend]}")
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -1,4 +1,10 @@
-"""C++ CPU backend of the masked-loss cross-entropy (csrc/cpu/cross_entropy.cpp)."""
+"""The sparseft._C backends of the masked-loss cross-entropy: the same torch ops serve the
+cpu backend (csrc/cpu/cross_entropy.cpp) and the cuda backend (csrc/cuda/cross_entropy.cu,
+bound by csrc/cuda/cross_entropy_binding.cpp); the device of the tensors picks the kernel.
+Same signatures as _ce_torch.
+
+The cuda linear path synchronises once per call (to size the cuBLAS GEMMs by the number of
+active rows); the Triton backend is the sync-free default on GPUs."""
 
 import torch
 
@@ -11,17 +17,13 @@ def _ops():
     return torch.ops.sparseft_C
 
 
-def _none_if_empty(t, needed):
-    return t if needed else None
-
-
 def linear_ce(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
               need_grad_hidden, need_grad_weight, need_grad_bias):
     loss, gh, gw, gb = _ops().linear_cross_entropy(
         hidden.contiguous(), weight.contiguous(), bias, labels, scale, label_smoothing, z_loss, softcap,
         need_grad_hidden, need_grad_weight, need_grad_bias, chunk_rows(weight.shape[0]))
-    return (loss, _none_if_empty(gh, need_grad_hidden), _none_if_empty(gw, need_grad_weight),
-            _none_if_empty(gb, need_grad_bias))
+    return (loss, gh if need_grad_hidden else None, gw if need_grad_weight else None,
+            gb if need_grad_bias else None)
 
 
 def ce_forward(logits, labels, scale, label_smoothing, z_loss, softcap):
