@@ -3,7 +3,7 @@ chunked backend, so their peak memory is the same and predictable."""
 
 import os
 
-_DEFAULT_CHUNK_BYTES = 64 << 20
+_DEFAULT_CHUNK_BYTES = 128 << 20
 
 
 def chunk_budget_bytes():
