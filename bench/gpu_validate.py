@@ -59,6 +59,26 @@ def check_sampled_grad(backend, dtype, batch, out_features, in_features, density
     return {"values": _rel_err(got, expected)}
 
 
+def check_sparse_adamw(backend, dtype, rows, cols, density, steps=3):
+    from sparseft.optim import SparseAdamW
+    numel = rows * cols
+    indices = torch.randperm(numel, device="cuda")[: int(numel * density)].sort().values.int()
+    start = torch.randn(rows, cols, device="cuda").to(dtype)
+    grads = [torch.randn(rows, cols, device="cuda").to(dtype) for _ in range(steps)]
+    results = {}
+    for name in (backend, "torch"):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = SparseAdamW([weight], masks=[indices], lr=1e-2, weight_decay=0.1, backend=name)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        results[name] = weight.detach()
+    untouched = torch.ones(numel, dtype=torch.bool, device="cuda")
+    untouched[indices.long()] = False
+    return {"weight": _rel_err(results[backend], results["torch"]),
+            "unmasked_identical": bool(torch.equal(results[backend].view(-1)[untouched], start.view(-1)[untouched]))}
+
+
 def checks():
     for backend in _gpu_backends():
         for dtype in (torch.bfloat16, torch.float32):
@@ -72,6 +92,8 @@ def checks():
                    lambda b=backend, d=dtype: check_cross_entropy(b, d, 1000, 49152, label_smoothing=0.1))
             yield (f"sampled_grad {backend} {dtype} 4096x(1536x576) 5%",
                    lambda b=backend, d=dtype: check_sampled_grad(b, d, 4096, 1536, 576, 0.05))
+            yield (f"sparse_adamw {backend} {dtype} 4096x4096 5%",
+                   lambda b=backend, d=dtype: check_sparse_adamw(b, d, 4096, 4096, 0.05))
 
 
 def main(argv=None):

@@ -252,6 +252,22 @@ def test_gradcheck_float64():
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
+def test_no_grad_computes_no_gradients(monkeypatch):
+    from sparseft.ops import _ce_torch
+    seen = []
+    original = _ce_torch.linear_ce
+
+    def spy(*args):
+        seen.append(args[-3:])
+        return original(*args)
+    monkeypatch.setattr(_ce_torch, "linear_ce", spy)
+    hidden, weight, labels, _ = make_inputs(6, 8, 11)
+    with torch.no_grad():
+        loss = sparseft.linear_cross_entropy(hidden, weight, labels, backend="torch")
+    assert seen == [(False, False, False)]
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(hidden, weight), labels).detach())
+
+
 def test_reduced_loss_refuses_a_second_backward():
     hidden, weight, labels, _ = make_inputs(6, 8, 11)
     loss = sparseft.linear_cross_entropy(hidden, weight, labels)

@@ -12,6 +12,7 @@
 // registers an implementation).
 
 #include "vec_capability.h"
+#include "../adamw_hyper.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,23 +33,7 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kTile = 256;
 
-// Per-call constants, computed in double and rounded once (the same in every backend).
-struct Hyper {
-  float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, decay;
-};
-
-Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay) {
-  auto log_or_neg_inf = [](double b) { return b > 0 ? std::log(b) : -std::numeric_limits<double>::infinity(); };
-  return {static_cast<float>(lr),
-          static_cast<float>(beta1),
-          static_cast<float>(1.0 - beta1),
-          static_cast<float>(beta2),
-          static_cast<float>(1.0 - beta2),
-          static_cast<float>(log_or_neg_inf(beta1)),
-          static_cast<float>(log_or_neg_inf(beta2)),
-          static_cast<float>(eps),
-          static_cast<float>(1.0 - lr * weight_decay)};
-}
+using Hyper = AdamWHyper;
 
 // AdamW on a tile: w (weights in, new weights out), g (gradients), t (step counts after the
 // increment) are tile buffers; m and v are the entries' moments, updated in place.
@@ -128,7 +113,7 @@ void sparse_adamw_step(const Tensor& target, const Tensor& indices, const Tensor
   if (has_values) check_state(*values, "values", target.scalar_type(), nnz);
   if (nnz == 0) return;
 
-  const Hyper h = make_hyper(lr, beta1, beta2, eps, weight_decay);
+  const Hyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, target.scalar_type(), "sparse_adamw_step", [&] {
     scalar_t* values_ptr = has_values ? values->data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto index_tag) {

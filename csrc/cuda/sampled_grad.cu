@@ -5,6 +5,7 @@
 // sorted mask, found by binary search, so no workspace is needed and every entry is written by
 // exactly one block: deterministic, no atomics, no dense gradient in global memory.
 #include "sampled_grad.h"
+#include "convert.cuh"
 
 namespace sparseft {
 namespace cuda_sampled_grad {
@@ -17,9 +18,6 @@ constexpr int kThreads = 256;
 constexpr int kMicro = 4;  // each thread owns rows ty + 16m, cols tx + 16n, m, n < 4
 constexpr int kLanesPerDim = kTileRows / kMicro;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // First position in the sorted idx[0, n) whose value is >= target.
 template <typename I>

@@ -3,6 +3,9 @@
 
 #include "sparse_adamw.h"
 
+#include "../adamw_hyper.h"
+#include "convert.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -17,28 +20,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
 
-// Per-call constants, computed in double on the host and rounded once (as in every backend).
-struct Hyper {
-  float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, decay;
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using Hyper = AdamWHyper;
 
 template <typename T, typename index_t, bool kCompactGrad, bool kHasValues>
 __global__ void sparse_adamw_kernel(T* __restrict__ target, const index_t* __restrict__ indices,
@@ -110,16 +92,7 @@ cudaError_t launch_sparse_adamw_step(WeightDtype dtype, void* target, const void
                                      int32_t* step, void* values, int64_t nnz, double lr, double beta1, double beta2,
                                      double eps, double weight_decay, cudaStream_t stream) {
   if (nnz == 0) return cudaSuccess;
-  auto log_or_neg_inf = [](double b) { return b > 0 ? std::log(b) : -std::numeric_limits<double>::infinity(); };
-  const Hyper h{static_cast<float>(lr),
-                static_cast<float>(beta1),
-                static_cast<float>(1.0 - beta1),
-                static_cast<float>(beta2),
-                static_cast<float>(1.0 - beta2),
-                static_cast<float>(log_or_neg_inf(beta1)),
-                static_cast<float>(log_or_neg_inf(beta2)),
-                static_cast<float>(eps),
-                static_cast<float>(1.0 - lr * weight_decay)};
+  const Hyper h = make_adamw_hyper(lr, beta1, beta2, eps, weight_decay);
   switch (dtype) {
     case WeightDtype::kFloat32:
       return launch_for_index<float>(indices_int64, target, indices, grad, compact_grad, exp_avg, exp_avg_sq, step,

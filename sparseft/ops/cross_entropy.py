@@ -84,8 +84,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     upstream gradient is known."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, scale, token_weights, reduce, options, backend):
-        needs = ctx.needs_input_grad[:3] if reduce else (False, False, False)
+    def forward(ctx, hidden, weight, bias, labels, scale, token_weights, reduce, options, backend, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(): evaluation must not pay for gradients.
+        needs = tuple(n and grad_enabled and reduce for n in ctx.needs_input_grad[:3])
         loss, gh, gw, gb = _linear_ce_rows(hidden, weight, bias, labels, scale, *options, *needs, backend)
         ctx.reduce = reduce
         if reduce:
@@ -112,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, *grads = _linear_ce_rows(hidden, weight, bias, labels, token_weights * grad_loss,
                                         *ctx.options, *needs, ctx.backend)
             grads = tuple(g if need else None for g, need in zip(grads, needs))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -262,7 +263,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, loss_weights=None
                                                       num_items_in_batch, shift, hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(hidden2d, weight, bias, rows_labels, scale, token_weights,
-                                     reduction != "none", _options(label_smoothing, z_loss, softcap), chosen)
+                                     reduction != "none", _options(label_smoothing, z_loss, softcap), chosen,
+                                     torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
