@@ -88,6 +88,8 @@ LOSSES = {
     "cce": _cce,
     "sparseft": _sparseft(),
     "sparseft-torch": _sparseft("torch"),
+    "sparseft-triton": _sparseft("triton"),
+    "sparseft-cuda": _sparseft("cuda"),
 }
 
 
@@ -141,7 +143,9 @@ def _case_main(argv):
 def default_cases(device):
     cases = ["gemm-limit", "torch-eager", "torch-linear_ce", "torch-linear_ce-chunked", "torch-compile", "sparseft"]
     if torch.device(device).type == "cuda":
-        cases += ["liger", "cce"]
+        # Both GPU backends side by side: the fused sync-free Triton kernel (the default) and
+        # the chunked cuBLAS one, against the peers.
+        cases += ["sparseft-triton", "sparseft-cuda", "liger", "cce"]
     return cases
 
 
