@@ -141,16 +141,18 @@ def _case_main(argv):
 
 
 def default_cases(device):
-    cases = ["gemm-limit", "torch-eager", "torch-linear_ce", "torch-linear_ce-chunked", "torch-compile", "sparseft"]
+    cases = ["gemm-limit", "torch-eager", "torch-linear_ce", "torch-linear_ce-chunked", "torch-compile"]
     if torch.device(device).type == "cuda":
         # Both GPU backends side by side: the fused sync-free Triton kernel (the default) and
         # the chunked cuBLAS one, against the peers.
-        cases += ["sparseft-triton", "sparseft-cuda", "liger", "cce"]
-    return cases
+        return cases + ["sparseft-triton", "sparseft-cuda", "liger", "cce"]
+    return cases + ["sparseft"]
 
 
-def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5), repeats=3, progress=print):
-    """Runs every (shape, tokens, masked, case) in its own process; returns result rows."""
+def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5), repeats=3, progress=print,
+        on_rows=None):
+    """Runs every (shape, tokens, masked, case) in its own process; returns result rows.
+    ``on_rows(rows)`` sees the rows so far after each case (to save partial results)."""
     rows = []
     plan = [(shape, tokens, masked, case) for shape in shapes for tokens in token_counts
             for masked in masked_fractions for case in cases
@@ -170,7 +172,9 @@ def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5),
             progress(f"      {case} failed: {result['error']}")
         else:
             progress(f"      {result['seconds']:.3f} s, peak +{result['peak_extra_bytes'] / 2**20:.0f} MiB")
-    _add_ratios(rows)
+        _add_ratios(rows)
+        if on_rows:
+            on_rows(rows)
     return rows
 
 

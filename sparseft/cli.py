@@ -32,12 +32,12 @@ def _progress(message):
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def _bench_ce(args):
+def _bench_ce(args, save_partial):
     from sparseft.bench import ce
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     cases = args.cases.split(",") if args.cases else ce.default_cases(args.device)
     rows = ce.run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")], dtype, args.device, cases,
-                  masked_fractions=(0.0, 0.5), repeats=args.repeats, progress=_progress)
+                  masked_fractions=(0.0, 0.5), repeats=args.repeats, progress=_progress, on_rows=save_partial)
     print(ce.table(rows))
     if args.png:
         ce.plot(rows, args.png)
@@ -54,13 +54,19 @@ def _bench(args):
     from sparseft.bench.measure import device_name
     results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "device": device_name(args.device),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+    def save(key, rows):
+        """Writes what is measured so far: a benchmark cut short still leaves its rows."""
+        results[key] = rows
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=1)
+
     if args.what in ("ce", "all"):
-        results["ce"] = _bench_ce(args)
+        save("ce", _bench_ce(args, lambda rows: save("ce", rows)))
     if args.what in ("sparse", "all"):
-        results["sparse"] = _bench_sparse(args)
+        save("sparse", _bench_sparse(args))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
         print(f"results written to {args.json}")
     return 0
 
