@@ -53,7 +53,10 @@ def _sparse_adamw_kernel(target_ptr, idx_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_
         g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
     else:
         g = tl.load(grad_ptr + idx, mask=live, other=0.0).to(tl.float32)
-    w = tl.load(target_ptr + idx, mask=live, other=0.0).to(tl.float32)
+    if HAS_VALUES:  # the values mirror the target at the mask: a contiguous read, no gather
+        w = tl.load(values_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(target_ptr + idx, mask=live, other=0.0).to(tl.float32)
     m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0)
     s = tl.load(step_ptr + offs, mask=live, other=0) + 1

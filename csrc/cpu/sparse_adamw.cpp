@@ -41,14 +41,18 @@ using Hyper = AdamWHyper;
 void update_tile(float* w, const float* g, const float* t, float* m, float* v, int64_t n, const Hyper& h) {
   const Vec b1(h.beta1), omb1(h.one_minus_beta1), b2(h.beta2), omb2(h.one_minus_beta2);
   const Vec lb1(h.log_beta1), lb2(h.log_beta2), eps(h.eps), decay(h.decay), lr(h.lr), zero(0.f);
+  // Step counts differ only for entries that joined at a mask refresh: a tile whose counts
+  // are all equal computes its bias corrections once.
+  const bool same_step = std::all_of(t, t + n, [&](float s) { return s == t[0]; });
+  const Vec same_bc1 = zero - (Vec(t[0]) * lb1).expm1(), same_bc2 = zero - (Vec(t[0]) * lb2).expm1();
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
     const Vec gk = Vec::loadu(g + k);
     const Vec tk = Vec::loadu(t + k);
     const Vec mk = b1 * Vec::loadu(m + k) + omb1 * gk;
     const Vec vk = b2 * Vec::loadu(v + k) + omb2 * (gk * gk);
-    const Vec bc1 = zero - (tk * lb1).expm1();
-    const Vec bc2 = zero - (tk * lb2).expm1();
+    const Vec bc1 = same_step ? same_bc1 : zero - (tk * lb1).expm1();
+    const Vec bc2 = same_step ? same_bc2 : zero - (tk * lb2).expm1();
     const Vec wk = Vec::loadu(w + k) * decay - lr * (mk / bc1) / ((vk / bc2).sqrt() + eps);
     mk.store(m + k);
     vk.store(v + k);
@@ -75,7 +79,8 @@ void step_entries(scalar_t* target, const index_t* idx, const scalar_t* grad, fl
       for (int64_t k = 0; k < n; ++k) {
         const int64_t i = idx[b + k];
         g[k] = static_cast<float>(kCompactGrad ? grad[b + k] : grad[i]);
-        w[k] = static_cast<float>(target[i]);
+        // The values mirror the target at the mask: read them contiguously instead of gathering.
+        w[k] = static_cast<float>(values != nullptr ? values[b + k] : target[i]);
         t[k] = static_cast<float>(++step[b + k]);
       }
       update_tile(w, g, t, exp_avg + b, exp_avg_sq + b, n, h);

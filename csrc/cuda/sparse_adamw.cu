@@ -38,7 +38,9 @@ __global__ void sparse_adamw_kernel(T* __restrict__ target, const index_t* __res
     // 1 - beta^t as -expm1(t log beta): no cancellation for beta2 close to 1
     const float bc1 = -expm1f(t * h.log_beta1);
     const float bc2 = -expm1f(t * h.log_beta2);
-    const float w = to_float(target[i]) * h.decay - h.lr * (m / bc1) / (sqrtf(v / bc2) + h.eps);
+    // The values mirror the target at the mask: read them contiguously instead of gathering.
+    const float current = to_float(kHasValues ? values[k] : target[i]);
+    const float w = current * h.decay - h.lr * (m / bc1) / (sqrtf(v / bc2) + h.eps);
     const T out = from_float<T>(w);
     target[i] = out;
     if (kHasValues) values[k] = out;

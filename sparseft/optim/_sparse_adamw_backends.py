@@ -8,9 +8,13 @@ One call updates one parameter's masked entries:
     exp_avg[k]    = beta1 * exp_avg[k] + (1 - beta1) * g
     exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * g * g
     bc1, bc2      = 1 - beta1**step[k], 1 - beta2**step[k]
-    w             = target.view(-1)[indices[k]] * (1 - lr * weight_decay)
+    w             = (values[k] if values is given else target.view(-1)[indices[k]]) * (1 - lr * weight_decay)
     w            -= lr * (exp_avg[k] / bc1) / (sqrt(exp_avg_sq[k] / bc2) + eps)
     target.view(-1)[indices[k]] = w        (and values[k] = w when values is given)
+
+``values`` (kind (b), a sparsified layer's ``weight_values``) mirrors the target at the
+indices, so when given it is read instead of gathering the target: the only scattered access
+left is the store.
 
 Math is float32 whatever the target dtype; w is rounded once to the target dtype. Bias
 correction uses each entry's own step count, so entries that join at a mask refresh start
@@ -84,7 +88,8 @@ def torch_step(target, indices, grad, exp_avg, exp_avg_sq, step, values, lr, bet
     bc1 = torch.expm1(t * h["log_beta1"]).neg_()
     bc2 = torch.expm1(t * h["log_beta2"]).neg_()
     denom = (exp_avg_sq / bc2).sqrt_().add_(h["eps"])
-    w = flat[idx].float() * h["decay"] - h["lr"] * (exp_avg / bc1) / denom
+    current = values if values is not None else flat[idx]
+    w = current.float() * h["decay"] - h["lr"] * (exp_avg / bc1) / denom
     w = w.to(target.dtype)
     flat[idx] = w
     if values is not None:
