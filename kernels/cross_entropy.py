@@ -71,6 +71,17 @@ def _tile_coords(N, V, BM: tl.constexpr, BV: tl.constexpr, GROUP_M: tl.constexpr
 
 
 @triton.jit
+def _tile_rows_and_cols(order_ptr, count, pid_m, pid_v, V, BM: tl.constexpr, BV: tl.constexpr):
+    """Tile (pid_m, pid_v): positions m in the compacted order, the original rows they hold,
+    and the vocabulary columns, with their validity masks."""
+    m = pid_m * BM + tl.arange(0, BM)
+    row_ok = m < count
+    rows = tl.load(order_ptr + m, mask=row_ok, other=0)
+    cols = pid_v * BV + tl.arange(0, BV)
+    return m, row_ok, rows, cols, cols < V
+
+
+@triton.jit
 def _logit_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
@@ -103,12 +114,7 @@ def _linear_lse_kernel(x_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
     count = tl.load(count_ptr)
     if pid_m * BM >= count:
         return
-    m = pid_m * BM + tl.arange(0, BM)
-    row_ok = m < count
-    rows = tl.load(order_ptr + m, mask=row_ok, other=0)
-    v0 = pid_v * BV
-    cols = v0 + tl.arange(0, BV)
-    col_ok = cols < V
+    m, row_ok, rows, cols, col_ok = _tile_rows_and_cols(order_ptr, count, pid_m, pid_v, V, BM, BV)
     logits = _logit_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, softcap,
                          HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BM, BV, BK)
 
@@ -123,7 +129,7 @@ def _linear_lse_kernel(x_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
     # Exactly one vocab block holds each label: it writes the target logit, no race.
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     target = tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
-    tl.store(target_ptr + m, target, mask=row_ok & (labels >= v0) & (labels < v0 + BV))
+    tl.store(target_ptr + m, target, mask=row_ok & (labels >= pid_v * BV) & (labels < (pid_v + 1) * BV))
 
 
 @triton.jit
@@ -168,11 +174,7 @@ def _linear_grad_kernel(x_ptr, w_ptr, b_ptr, labels_ptr, scale_ptr, order_ptr, c
     count = tl.load(count_ptr)
     if pid_m * BM >= count:
         return
-    m = pid_m * BM + tl.arange(0, BM)
-    row_ok = m < count
-    rows = tl.load(order_ptr + m, mask=row_ok, other=0)
-    cols = pid_v * BV + tl.arange(0, BV)
-    col_ok = cols < V
+    m, row_ok, rows, cols, col_ok = _tile_rows_and_cols(order_ptr, count, pid_m, pid_v, V, BM, BV)
     logits = _logit_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, softcap,
                          HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BM, BV, BK)
 

@@ -21,7 +21,7 @@ def linear_ce(hidden, weight, bias, labels, scale, label_smoothing, z_loss, soft
               need_grad_hidden, need_grad_weight, need_grad_bias):
     loss, gh, gw, gb = _ops().linear_cross_entropy(
         hidden.contiguous(), weight.contiguous(), bias, labels, scale, label_smoothing, z_loss, softcap,
-        need_grad_hidden, need_grad_weight, need_grad_bias, chunk_rows(weight.shape[0]))
+        need_grad_hidden, need_grad_weight, need_grad_bias, chunk_rows(*weight.shape))
     return (loss, gh if need_grad_hidden else None, gw if need_grad_weight else None,
             gb if need_grad_bias else None)
 

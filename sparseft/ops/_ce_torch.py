@@ -55,8 +55,9 @@ def ce_forward(logits, labels, scale, label_smoothing, z_loss, softcap):
     loss = logits.new_zeros(logits.shape[0], dtype=_wide(scale).dtype)
     lse = torch.zeros_like(loss)
     rows = scale.nonzero().squeeze(1)
-    for start in range(0, rows.numel(), chunk_rows(logits.shape[1])):
-        idx = rows[start:start + chunk_rows(logits.shape[1])]
+    step = chunk_rows(logits.shape[1])
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
         x = _capped(logits.index_select(0, idx), softcap)
         row_lse = torch.logsumexp(x, dim=1)
         lse[idx] = row_lse
@@ -92,7 +93,7 @@ def linear_ce(hidden, weight, bias, labels, scale, label_smoothing, z_loss, soft
     weight32 = weight.to(acc)
     bias32 = None if bias is None else bias.to(acc)
     rows = scale.nonzero().squeeze(1)
-    step = chunk_rows(vocab)
+    step = chunk_rows(vocab, hidden.shape[1])
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
         h = hidden.index_select(0, idx).to(acc)
