@@ -146,7 +146,7 @@ def _linear_merge_kernel(part_lse_ptr, part_sum_ptr, target_ptr, order_ptr, coun
     run_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, num_vblocks):
-        part = t * N + m
+        part = tl.cast(t, tl.int64) * N + m  # t * N passes 2**31 from ~1M tokens; t is an int when interpreted
         block_lse = tl.load(part_lse_ptr + part, mask=ok, other=0.0)
         new_max = tl.maximum(run_max, block_lse)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(block_lse - new_max)
