@@ -26,8 +26,9 @@ def _sampled_grad_tile_kernel(dy_ptr, x_ptr, idx_ptr, starts_ptr, g_ptr, batch, 
                               stride_dy, stride_x, n_col_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_B: tl.constexpr, PRECISION: tl.constexpr,
                               UPCAST: tl.constexpr):
-    tile_n = tl.program_id(0)
-    tile_m = tl.program_id(1)
+    # One grid dimension, column tiles fastest: dimension 1 would stop at 65535 row tiles.
+    tile_n = tl.program_id(0) % n_col_tiles
+    tile_m = tl.program_id(0) // n_col_tiles
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < out_features
     offsets = starts_ptr + rows.to(tl.int64) * (n_col_tiles + 1) + tile_n
@@ -83,7 +84,7 @@ def sampled_weight_grad_triton(grad_output, input, indices):
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     # The Triton interpreter (3.9) returns garbage from bf16 dots; it runs them in float32.
     upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    grid = (n_col_tiles, triton.cdiv(out_features, BLOCK_M))
+    grid = (n_col_tiles * triton.cdiv(out_features, BLOCK_M),)
     _sampled_grad_tile_kernel[grid](dy, x, indices, starts, grad, batch, out_features, in_features,
                                     dy.stride(0), x.stride(0), n_col_tiles, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                     BLOCK_B=BLOCK_B, PRECISION=precision,

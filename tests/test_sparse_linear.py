@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton runs on CPU tensors
@@ -87,6 +88,28 @@ def test_triton_int64_indices():
     idx = random_mask(20, 70, 0.1).long()
     torch.testing.assert_close(sampled_weight_grad_triton(dy, x, idx).double(), dense_grad_at(dy, x, idx),
                                rtol=0, atol=1e-5)
+
+
+def test_triton_grid_within_cuda_limits(monkeypatch):
+    """More row tiles than grid dimension 1 takes (65535): the launch still covers every tile
+    within CUDA's limits. The kernel is a stub and BLOCK_M is 1, so the weight stays small."""
+    from sparseft.kernels import sampled_grad as kernels
+
+    grids = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kernels, "_sampled_grad_tile_kernel", Stub())
+    monkeypatch.setattr(kernels, "BLOCK_M", 1)
+    out_features, in_features = 70_000, 2 * kernels.BLOCK_N + 1  # 70000 x 3 tiles
+    sampled_weight_grad_triton(torch.zeros(1, out_features), torch.zeros(1, in_features),
+                               torch.tensor([0], dtype=torch.int32))
+    (grid,) = grids
+    assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:])
+    assert math.prod(grid) == out_features * 3
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
