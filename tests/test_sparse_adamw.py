@@ -141,6 +141,30 @@ def test_fused_step_matches_torch_reference(backend, dtype, index_dtype, compact
     assert torch.equal(s, s_ref) and torch.equal(values, w.view(-1)[idx.long()])
 
 
+@pytest.mark.skipif(_backend_reason("cpu") is not None, reason=str(_backend_reason("cpu")))
+@pytest.mark.parametrize("compact", [False, True])
+def test_native_step_across_threads_and_mixed_step_counts(compact):
+    """A mask split between threads, with step counts that change inside a vector of entries
+    (entries that joined at a refresh) and a length that is no multiple of the vector width."""
+    numel, nnz = 300 * 401, 60_001
+    idx = _mask(numel, nnz, 8)
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(300, 401, generator=gen)
+    grad = torch.randn(300, 401, generator=gen)
+    m0, v0 = torch.rand(nnz, generator=gen), torch.rand(nnz, generator=gen)
+    steps = torch.randint(0, 3, (nnz,), generator=gen, dtype=torch.int32).repeat_interleave(5)[:nnz]
+    runs = []
+    for backend in ("torch", "cpu"):
+        w, m, v, s = w0.clone(), m0.clone(), v0.clone(), steps.clone()
+        values = w.view(-1)[idx.long()].clone() if compact else None
+        g = grad.view(-1)[idx.long()].clone() if compact else grad
+        sparse_adamw_step(w, idx, g, m, v, s, values, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0.1, backend=backend)
+        runs.append((w, m, v, s))
+    for got, expected in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_empty_mask_is_a_no_op():
     w = nn.Parameter(_weights(torch.float32))
     before = w.detach().clone()
