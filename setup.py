@@ -23,6 +23,39 @@ def _say(msg):
     print(f"[sparseft build] {msg}", file=sys.stderr)
 
 
+def _nvcc_flags():
+    """csrc/cuda/nvcc_flags, shared with .ci/compile_cuda so that CI compiles what ships.
+    No --use_fast_math: it turns tanhf and expf into approximate hardware instructions
+    (softcap would miss float32 tolerances), and these kernels are bandwidth-bound anyway."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda", "nvcc_flags")) as flags:
+        return flags.read().split()
+
+
+def _cublas_headers(cuda_home):
+    """A toolkit without cuBLAS's headers (some images carry only nvcc and the runtime) gets
+    them from the nvidia-cublas wheel that a CUDA torch depends on. -idirafter: that folder
+    also holds runtime headers, which must not shadow the toolkit's own."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13", "cublas", "cu12"):
+            if os.path.exists(os.path.join(root, sub, "include", "cublas_v2.h")):
+                return ["-idirafter", os.path.join(root, sub, "include")]
+    return []
+
+
+def _cublas_if_linkable(cuda_home):
+    """The bindings call cuBLAS, which libtorch_cuda loads already; link it explicitly only
+    where the toolkit has the unversioned library (pip-installed CUDA often has not)."""
+    for lib_dir in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.exists(os.path.join(cuda_home, lib_dir, "libcublas.so")):
+            return ["cublas"]
+    _say("libcublas.so not found in the CUDA toolkit: cuBLAS resolves through libtorch_cuda")
+    return []
+
+
 def _native_extension():
     if os.environ.get("SPARSEFT_NO_EXT") == "1":
         _say("SPARSEFT_NO_EXT=1: skipping the native extension")
@@ -57,11 +90,11 @@ def _native_extension():
     else:
         _say(f"building CPU and CUDA kernels (CUDA {torch.version.cuda}, {CUDA_HOME})")
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_binding.cpp"))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension(
             "sparseft._C", cpu_sources + cuda_sources,
             define_macros=[("SPARSEFT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags + _cublas_headers(CUDA_HOME), "nvcc": _nvcc_flags()},
+            libraries=_cublas_if_linkable(CUDA_HOME),
             extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

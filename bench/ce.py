@@ -16,17 +16,19 @@ import torch.nn.functional as F
 
 from sparseft.bench.measure import device_name, run_in_subprocess, time_and_memory
 
-SHAPES = {"smollm2": (576, 49152), "llama3": (4096, 128256)}
+# (hidden size D, vocabulary V); "tiny" exercises the command lines in a dry run
+SHAPES = {"smollm2": (576, 49152), "llama3": (4096, 128256), "tiny": (64, 1000)}
 
 
 def _inputs(tokens, dim, vocab, dtype, device, masked, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(tokens, dim, generator=gen) / math.sqrt(dim)).to(device, dtype).requires_grad_()
-    weight = (torch.randn(vocab, dim, generator=gen) * 2).to(device, dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    """Made on the device itself: a 525M-entry weight takes seconds to draw on a CPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = (torch.randn(tokens, dim, generator=gen, device=device) / math.sqrt(dim)).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen, device=device) * 2).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
     loss_weights = None
     if masked:
-        loss_weights = (torch.rand(tokens, generator=gen) >= masked).float().to(device)
+        loss_weights = (torch.rand(tokens, generator=gen, device=device) >= masked).float()
     return hidden, weight, labels, loss_weights
 
 
@@ -141,12 +143,36 @@ def _case_main(argv):
 
 
 def default_cases(device):
-    cases = ["gemm-limit", "torch-eager", "torch-linear_ce", "torch-linear_ce-chunked", "torch-compile"]
+    """sparseft's cases first, so a run cut short has measured them."""
+    peers = ["gemm-limit", "torch-eager", "torch-linear_ce", "torch-linear_ce-chunked", "torch-compile"]
     if torch.device(device).type == "cuda":
         # Both GPU backends side by side: the fused sync-free Triton kernel (the default) and
         # the chunked cuBLAS one, against the peers.
-        return cases + ["sparseft-triton", "sparseft-cuda", "liger", "cce"]
-    return cases + ["sparseft"]
+        return ["sparseft-triton", "sparseft-cuda"] + peers + ["liger", "cce"]
+    return ["sparseft"] + peers
+
+
+def unavailable_reason(case, device):
+    """Why ``case`` cannot run on ``device`` here, or None: checked up front, so no
+    subprocess is spent on a peer that is not installed or an API this torch lacks."""
+    from importlib.util import find_spec
+    device_type = torch.device(device).type
+    if case.startswith("torch-linear_ce"):
+        if not hasattr(F, "linear_cross_entropy"):
+            return f"torch {torch.__version__} has no F.linear_cross_entropy"
+        if case.endswith("chunked") and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no LinearCrossEntropyOptions"
+    if case in ("liger", "cce"):
+        module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[case]
+        if find_spec(module) is None:
+            return f"{module} is not installed"
+    if case.startswith("sparseft-"):
+        from sparseft import _backends
+        ok, reason = _backends.availability(case.split("-", 1)[1], device_type)
+        return None if ok else reason
+    if case not in LOSSES and case != "gemm-limit":
+        return f"unknown case (known: gemm-limit, {', '.join(LOSSES)})"
+    return None
 
 
 def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5), repeats=3, progress=print,
@@ -154,6 +180,12 @@ def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5),
     """Runs every (shape, tokens, masked, case) in its own process; returns result rows.
     ``on_rows(rows)`` sees the rows so far after each case (to save partial results)."""
     rows = []
+    skipped = {case: unavailable_reason(case, device) for case in cases}
+    for case, reason in skipped.items():
+        if reason:
+            progress(f"skipping {case}: {reason}")
+            rows.append({"case": case, "skipped": reason})
+    cases = [case for case in cases if not skipped[case]]
     plan = [(shape, tokens, masked, case) for shape in shapes for tokens in token_counts
             for masked in masked_fractions for case in cases
             if masked == 0.0 or case.startswith("sparseft") or case == "torch-eager"]
@@ -180,11 +212,11 @@ def run(shapes, token_counts, dtype, device, cases, masked_fractions=(0.0, 0.5),
 
 def _add_ratios(rows):
     """time and memory relative to torch eager of the same shape and tokens, unmasked."""
-    base = {(r["shape"], r["tokens"]): r for r in rows
-            if r["case"] == "torch-eager" and r["masked"] == 0.0 and "error" not in r}
-    for r in rows:
+    measured = [r for r in rows if "seconds" in r]
+    base = {(r["shape"], r["tokens"]): r for r in measured if r["case"] == "torch-eager" and r["masked"] == 0.0}
+    for r in measured:
         ref = base.get((r["shape"], r["tokens"]))
-        if ref and "error" not in r:
+        if ref:
             r["time_vs_eager"] = r["seconds"] / ref["seconds"]
             if ref["peak_extra_bytes"]:
                 r["memory_vs_eager"] = r["peak_extra_bytes"] / ref["peak_extra_bytes"]
@@ -194,6 +226,9 @@ def table(rows):
     header = f"{'shape':8} {'N':>6} {'masked':>6} {'case':26} {'time s':>8} {'x eager':>8} {'peak MiB':>9} {'x eager':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"{'':8} {'':6} {'':6} {r['case']:26} skipped: {r['skipped']}")
+            continue
         if "error" in r:
             lines.append(f"{r['shape']:8} {r['tokens']:6d} {r['masked']:6.0%} {r['case']:26} failed: {r['error']}")
             continue
@@ -210,7 +245,7 @@ def plot(rows, path):
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for case in sorted({r["case"] for r in rows}):
         pts = sorted((r["tokens"], r["seconds"], r["peak_extra_bytes"]) for r in rows
-                     if r["case"] == case and r["masked"] == 0.0 and "error" not in r)
+                     if r["case"] == case and "seconds" in r and r["masked"] == 0.0)
         if pts:
             ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
             ax_m.plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], marker="o", label=case)

@@ -1,11 +1,17 @@
-"""Checks every GPU backend of every op against a float64 computation, on the GPU, and
-writes the worst errors as JSON. Run by bench/gpu_check.sh on a lent machine:
+"""Checks every backend of every op against a float64 computation and writes the worst
+errors as JSON, rewriting the file after each check so a run cut short keeps its results.
+Run by bench/gpu_check.sh on a lent GPU machine, and by its --dry-run on a CPU:
 
-  python -m sparseft.bench.gpu_validate --json out.json
+  python -m sparseft.bench.gpu_validate --json out.json                  # CUDA, full shapes
+  python -m sparseft.bench.gpu_validate --device cpu --tiny --json x.json  # CPU, Triton interpreted
+
+Backends go cheapest first: the compiled CUDA kernels, then the torch reference, then
+Triton, whose first calls compile and autotune every specialisation.
 """
 
 import argparse
 import json
+import time
 import traceback
 
 import torch
@@ -13,21 +19,26 @@ import torch
 import sparseft
 from sparseft import _backends
 
+ORDER = ("cuda", "cpu", "torch", "triton")
+# Worst error relative to the largest reference value that counts as a pass: float32 kernels
+# reorder float32 sums; bfloat16 inputs and outputs carry 8 significant bits.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
 
 def _rel_err(got, expected):
     got, expected = got.double(), expected.double()
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-def _gpu_backends():
-    return [b for b in ("triton", "cuda", "torch") if _backends.availability(b, "cuda")[0]]
+def _randn(*shape, device, gen):
+    return torch.randn(*shape, device=device, generator=gen)
 
 
-def check_linear_cross_entropy(backend, dtype, tokens, dim, vocab, **kw):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = (torch.randn(tokens, dim, device="cuda", generator=gen) / dim ** 0.5).to(dtype).requires_grad_()
-    weight = torch.randn(vocab, dim, device="cuda", generator=gen).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+def check_linear_cross_entropy(backend, dtype, device, tokens, dim, vocab, **kw):
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = (_randn(tokens, dim, device=device, gen=gen) / dim ** 0.5).to(dtype).requires_grad_()
+    weight = _randn(vocab, dim, device=device, gen=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
     labels[::3] = -100
     loss = sparseft.linear_cross_entropy(hidden, weight, labels, backend=backend, **kw)
     grads = torch.autograd.grad(loss, [hidden, weight])
@@ -38,9 +49,10 @@ def check_linear_cross_entropy(backend, dtype, tokens, dim, vocab, **kw):
             "grad_weight": _rel_err(grads[1], ref_grads[1])}
 
 
-def check_cross_entropy(backend, dtype, tokens, vocab, **kw):
-    logits = (torch.randn(tokens, vocab, device="cuda") * 3).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+def check_cross_entropy(backend, dtype, device, tokens, vocab, **kw):
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (_randn(tokens, vocab, device=device, gen=gen) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
     loss = sparseft.cross_entropy(logits, labels, backend=backend, **kw)
     (grad,) = torch.autograd.grad(loss, [logits])
     x64 = logits.detach().double().requires_grad_()
@@ -49,22 +61,27 @@ def check_cross_entropy(backend, dtype, tokens, vocab, **kw):
     return {"loss": _rel_err(loss, ref), "grad": _rel_err(grad, ref_grad)}
 
 
-def check_sampled_grad(backend, dtype, batch, out_features, in_features, density):
-    grad_out = torch.randn(batch, out_features, device="cuda").to(dtype)
-    inputs = torch.randn(batch, in_features, device="cuda").to(dtype)
-    numel = out_features * in_features
-    indices = torch.randperm(numel, device="cuda")[: int(numel * density)].sort().values.int()
+def _random_mask(numel, density, device, gen):
+    return torch.randperm(numel, device=device, generator=gen)[: max(int(numel * density), 1)].sort().values.int()
+
+
+def check_sampled_grad(backend, dtype, device, batch, out_features, in_features, density):
+    gen = torch.Generator(device=device).manual_seed(0)
+    grad_out = _randn(batch, out_features, device=device, gen=gen).to(dtype)
+    inputs = _randn(batch, in_features, device=device, gen=gen).to(dtype)
+    indices = _random_mask(out_features * in_features, density, device, gen)
     got = sparseft.sampled_weight_grad(grad_out, inputs, indices, out_features, backend=backend)
     expected = (grad_out.double().T @ inputs.double()).reshape(-1)[indices.long()]
     return {"values": _rel_err(got, expected)}
 
 
-def check_sparse_adamw(backend, dtype, rows, cols, density, steps=3):
+def check_sparse_adamw(backend, dtype, device, rows, cols, density, steps=3):
     from sparseft.optim import SparseAdamW
+    gen = torch.Generator(device=device).manual_seed(0)
     numel = rows * cols
-    indices = torch.randperm(numel, device="cuda")[: int(numel * density)].sort().values.int()
-    start = torch.randn(rows, cols, device="cuda").to(dtype)
-    grads = [torch.randn(rows, cols, device="cuda").to(dtype) for _ in range(steps)]
+    indices = _random_mask(numel, density, device, gen)
+    start = _randn(rows, cols, device=device, gen=gen).to(dtype)
+    grads = [_randn(rows, cols, device=device, gen=gen).to(dtype) for _ in range(steps)]
     results = {}
     for name in (backend, "torch"):
         weight = torch.nn.Parameter(start.clone())
@@ -73,45 +90,71 @@ def check_sparse_adamw(backend, dtype, rows, cols, density, steps=3):
             weight.grad = grad.clone()
             optimizer.step()
         results[name] = weight.detach()
-    untouched = torch.ones(numel, dtype=torch.bool, device="cuda")
+    untouched = torch.ones(numel, dtype=torch.bool, device=device)
     untouched[indices.long()] = False
     return {"weight": _rel_err(results[backend], results["torch"]),
             "unmasked_identical": bool(torch.equal(results[backend].view(-1)[untouched], start.view(-1)[untouched]))}
 
 
-def checks():
-    for backend in _gpu_backends():
+# (name, check, full-size arguments, tiny arguments for the interpreter)
+CASES = (
+    ("linear_ce", check_linear_cross_entropy, dict(tokens=8192, dim=4096, vocab=128256),
+     dict(tokens=24, dim=32, vocab=300)),
+    ("linear_ce options", check_linear_cross_entropy,
+     dict(tokens=333, dim=200, vocab=5003, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
+     dict(tokens=13, dim=20, vocab=77, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)),
+    ("cross_entropy", check_cross_entropy, dict(tokens=1000, vocab=49152, label_smoothing=0.1),
+     dict(tokens=10, vocab=500, label_smoothing=0.1)),
+    ("sampled_grad 5%", check_sampled_grad, dict(batch=4096, out_features=1536, in_features=576, density=0.05),
+     dict(batch=16, out_features=48, in_features=40, density=0.05)),
+    ("sparse_adamw 5%", check_sparse_adamw, dict(rows=4096, cols=4096, density=0.05),
+     dict(rows=64, cols=48, density=0.05)),
+)
+
+
+def checks(device, tiny):
+    """Yields (label, dtype, zero-argument check), backend by backend, cheapest first."""
+    backends = [b for b in ORDER if _backends.availability(b, device)[0]]
+    for backend in backends:
         for dtype in (torch.bfloat16, torch.float32):
-            yield (f"linear_ce {backend} {dtype} 8192x4096x128256",
-                   lambda b=backend, d=dtype: check_linear_cross_entropy(b, d, 8192 if d == torch.bfloat16 else 1024,
-                                                                         4096, 128256))
-            yield (f"linear_ce {backend} {dtype} odd 333x200x5003 options",
-                   lambda b=backend, d=dtype: check_linear_cross_entropy(b, d, 333, 200, 5003, label_smoothing=0.1,
-                                                                         z_loss=1e-4, softcap=30.0))
-            yield (f"cross_entropy {backend} {dtype} 1000x49152",
-                   lambda b=backend, d=dtype: check_cross_entropy(b, d, 1000, 49152, label_smoothing=0.1))
-            yield (f"sampled_grad {backend} {dtype} 4096x(1536x576) 5%",
-                   lambda b=backend, d=dtype: check_sampled_grad(b, d, 4096, 1536, 576, 0.05))
-            yield (f"sparse_adamw {backend} {dtype} 4096x4096 5%",
-                   lambda b=backend, d=dtype: check_sparse_adamw(b, d, 4096, 4096, 0.05))
+            for name, check, full, small in CASES:
+                kwargs = dict(small if tiny else full)
+                if name == "linear_ce" and dtype == torch.float32 and not tiny:
+                    kwargs["tokens"] = 1024  # the float32 Llama-3 head: fewer tokens, same kernels
+                label = f"{name} {backend} {str(dtype).replace('torch.', '')} " + \
+                    " ".join(f"{k}={v}" for k, v in kwargs.items())
+                yield label, dtype, (lambda c=check, b=backend, d=dtype, kw=kwargs: c(b, d, device, **kw))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="results file, rewritten after every check")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small shapes (the Triton interpreter on a CPU)")
     args = parser.parse_args(argv)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": {}}
-    for name, check in checks():
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    results = {"device": device_name, "torch": torch.__version__, "checks": {}}
+    failed = 0
+    for label, dtype, check in checks(args.device, args.tiny):
+        start = time.perf_counter()
         try:
-            results["checks"][name] = check()
+            result = check()
         except Exception as exc:  # keep going: one failure must not hide the others
-            results["checks"][name] = {"error": f"{type(exc).__name__}: {exc}",
-                                       "trace": traceback.format_exc()[-1500:]}
-        print(name, json.dumps(results["checks"][name])[:300], flush=True)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+            failed += 1
+            result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+        else:
+            errors = [v for v in result.values() if isinstance(v, float)]
+            result["ok"] = all(e <= TOLERANCE[dtype] for e in errors) and result.get("unmasked_identical", True)
+            failed += not result["ok"]
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        results["checks"][label] = result
+        print(label, json.dumps(result)[:300], flush=True)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=1)
+    print(f"{len(results['checks'])} checks, {failed} failed or raised")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,13 +30,22 @@ _triton_status = None
 
 
 def _triton_importable():
+    """Both triton and every kernel module must import: a backend whose kernels cannot load
+    is reported unavailable with the reason, not found missing at the first call."""
     global _triton_status
     if _triton_status is None:
         try:
             import triton  # noqa: F401
-            _triton_status = (True, "")
         except Exception as exc:  # a broken triton install raises more than ImportError
             _triton_status = (False, f"triton is not importable ({exc})")
+            return _triton_status
+        try:
+            import sparseft.kernels.cross_entropy  # noqa: F401
+            import sparseft.kernels.sampled_grad  # noqa: F401
+            import sparseft.kernels.sparse_adamw  # noqa: F401
+            _triton_status = (True, "")
+        except Exception as exc:
+            _triton_status = (False, f"sparseft's Triton kernels do not import ({type(exc).__name__}: {exc})")
     return _triton_status
 
 

@@ -10,8 +10,10 @@ import torch
 
 
 def _info(_args):
-    from sparseft import __version__, _backends
-    print(f"sparseft {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    import sparseft
+    from sparseft import _backends
+    print(f"sparseft {sparseft.__version__} from {os.path.dirname(sparseft.__file__)}, torch {torch.__version__}, "
+          f"CUDA available: {torch.cuda.is_available()}")
     try:
         import triton
         print(f"triton {triton.__version__} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})")
