@@ -48,3 +48,12 @@ def test_report_covers_every_backend_and_device():
     rows = _backends.report()
     assert {(r[0], r[1]) for r in rows} == {(b, d) for b in _backends.BACKENDS for d in ("cpu", "cuda")}
     assert all(ok or reason for _, _, ok, reason in rows)
+
+
+def test_triton_whose_kernels_do_not_import_is_reported_unavailable(monkeypatch):
+    import sys
+    monkeypatch.setattr(_backends, "_triton_status", None)
+    monkeypatch.setitem(sys.modules, "sparseft.kernels.sampled_grad", None)  # makes its import fail
+    ok, reason = _backends.availability("triton", "cuda")
+    assert not ok and "Triton kernels do not import" in reason and "sampled_grad" in reason
+    assert _backends.resolve("cuda", _backends.BACKENDS) != "triton"
