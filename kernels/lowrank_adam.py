@@ -95,17 +95,20 @@ _lowrank_update_tuned = triton.autotune(configs=_update_configs(), key=["M", "N"
 
 def lowrank_update(weight, direction, projector, *, side, decay, alpha):
     """In place on a contiguous float32/bfloat16/float16 weight [m, n], float32 math and one
-    rounding to its dtype; direction and projector are contiguous float32 (checked by the caller):
+    rounding to its dtype; direction and projector are float32 (shapes checked by the caller):
 
       side "right": W ← decay·W + alpha·(N @ Pᵀ), N [m, r], P [n, r]
       side "left":  W ← decay·W + alpha·(P @ N),  P [m, r], N [r, n]
     """
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not weight.is_contiguous():  # the kernel indexes W as row-major
+        raise ValueError(f"weight must be contiguous (it is updated in place), got strides {weight.stride()}")
     m, n = weight.shape
     if weight.numel() == 0:
         return
-    a, b = (direction, projector) if side == "right" else (projector, direction)
+    # The factors are r-sized: a copy of a strided view costs little beside the update.
+    a, b = (t.contiguous() for t in ((direction, projector) if side == "right" else (projector, direction)))
     # float32 products follow torch's matmul setting, as the cuda backend's addmm does: exact by
     # default; with TF32 allowed, the ~1e-3 relative error on the delta stays below a bf16 ulp of
     # W (2^-8 relative) unless the step outgrows the weight, and near fp32's own rounding for

@@ -113,10 +113,21 @@ def test_lowrank_update_matches_float64(side, dtype, shape):
         _assert_rounded_once(inplace, exact, f"{side} {dtype}")
 
 
-def test_lowrank_update_rejects_unknown_side():
+def test_lowrank_update_takes_strided_factors():
+    weight, direction, projector = _update_inputs(20, 17, 3, torch.float32, "right")
+    expected = weight.clone()
+    kernels.lowrank_update(expected, direction, projector, side="right", decay=0.5, alpha=2.0)
+    kernels.lowrank_update(weight, direction.T.contiguous().T, projector.T.contiguous().T, side="right", decay=0.5,
+                           alpha=2.0)
+    assert torch.equal(weight, expected)
+
+
+def test_lowrank_update_rejects_unknown_side_and_strided_weight():
     weight, direction, projector = _update_inputs(4, 4, 2, torch.float32, "right")
     with pytest.raises(ValueError, match="side"):
         kernels.lowrank_update(weight, direction, projector, side="both", decay=1.0, alpha=1.0)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        kernels.lowrank_update(weight.T, direction, projector, side="right", decay=1.0, alpha=1.0)
 
 
 # ----------------------------------------------------------------------------- on a GPU
