@@ -1,11 +1,12 @@
 """Compiles every Triton kernel of sparseft for an H100 (sm_90) ahead of time, without a GPU.
 
-The variants are not listed here: the Triton launchers of sparseft.ops and sparseft.optim run
-on small CPU tensors with every kernel swapped for a recorder, once per combination of the
-inputs that select code (dtypes, optional tensors, need-flags, each scalar option at zero and
-non-zero). Each recorded launch, times each config of an autotuned kernel, becomes one
-triton.compile of the kernel's AST for GPUTarget("cuda", 90, 32), specialised as the JIT
-would: argument types from the values, 16-byte-aligned pointers, integers as --ints says.
+The variants are not listed here: the Triton launchers of sparseft.ops and sparseft.optim (or
+of sparseft.kernels, where the op adds no choice of its own) run on small CPU tensors with
+every kernel swapped for a recorder, once per combination of the inputs that select code
+(dtypes, optional tensors, need-flags, each scalar option at zero and non-zero). Each
+recorded launch, times each config of an autotuned kernel, becomes one triton.compile of the
+kernel's AST for GPUTarget("cuda", 90, 32), specialised as the JIT would: argument types from
+the values, 16-byte-aligned pointers, integers as --ints says.
 Left out: integers equal to 1 (the JIT makes them constants) and block sizes given by hand
 to the kernels' launchers (tests and benchmarks do; the ops never do).
 
@@ -107,6 +108,7 @@ def _expect_params(fn, names):
 
 def _launch_everything():
     """Every Triton launch the ops can make, up to values that do not select code."""
+    from sparseft.kernels import lowrank_adam
     from sparseft.ops import _ce_triton, sampled_grad
     from sparseft.optim import _sparse_adamw_backends as adamw
 
@@ -117,6 +119,8 @@ def _launch_everything():
     _expect_params(sampled_grad._triton, "grad_output input indices")
     _expect_params(adamw._triton_step, "target indices grad exp_avg exp_avg_sq step values "
                                        "lr beta1 beta2 eps weight_decay")
+    _expect_params(lowrank_adam.adam_direction, "grad exp_avg exp_avg_sq out beta1 beta2 c1 c2 eps")
+    _expect_params(lowrank_adam.lowrank_update, "weight direction projector side decay alpha")
 
     n, d, vocab = 4, 16, 32
     labels, scale, lse = torch.zeros(n, dtype=torch.int64), torch.ones(n), torch.zeros(n)
@@ -144,6 +148,14 @@ def _launch_everything():
         state = torch.zeros(nnz), torch.zeros(nnz), torch.zeros(nnz, dtype=torch.int32)
         for hyper in product(OFF_ON, repeat=5):
             adamw._triton_step(target, torch.arange(0, 16, 5, dtype=index_dtype), grad, *state, values, *hyper)
+
+    lowrank_adam.adam_direction(*(torch.zeros(64) for _ in range(4)), beta1=0.9, beta2=0.999, c1=1.5, c2=1.5, eps=1e-8)
+    m, n, rank = 32, 48, 16
+    for dtype, side, tf32 in product(FLOATS, ("right", "left"), BOOLS):
+        factors = (torch.zeros(m, rank), torch.zeros(n, rank)) if side == "right" else \
+            (torch.zeros(rank, n), torch.zeros(m, rank))
+        with _tf32(tf32):
+            lowrank_adam.lowrank_update(torch.zeros(m, n, dtype=dtype), *factors, side=side, decay=0.9, alpha=0.1)
 
 
 class Job(NamedTuple):
