@@ -96,6 +96,38 @@ def check_sparse_adamw(backend, dtype, device, rows, cols, density, steps=3):
             "unmasked_identical": bool(torch.equal(results[backend].view(-1)[untouched], start.view(-1)[untouched]))}
 
 
+def check_lowrank_adam_direction(backend, dtype, device, rows, rank, steps=3):
+    """Float32 whatever the weight dtype: the moments and the direction of a projected gradient."""
+    from sparseft.ops.lowrank_adam import bias_corrections, lowrank_adam_direction
+    gen = torch.Generator(device=device).manual_seed(0)
+    grads = [_randn(rows, rank, device=device, gen=gen) for _ in range(steps)]
+    state = [torch.zeros(rows, rank, device=device) for _ in range(3)]  # exp_avg, exp_avg_sq, out
+    ref = [torch.zeros(rows, rank, device=device, dtype=torch.float64) for _ in range(3)]
+    for step, grad in enumerate(grads, 1):
+        c1, c2 = bias_corrections(0.9, 0.999, step)
+        lowrank_adam_direction(grad, *state, beta1=0.9, beta2=0.999, c1=c1, c2=c2, eps=1e-8, backend=backend)
+        ref[0] = 0.9 * ref[0] + 0.1 * grad.double()
+        ref[1] = 0.999 * ref[1] + 0.001 * grad.double() ** 2
+        ref[2] = ref[0] * c1 / (ref[1].sqrt() * c2 + 1e-8)
+    return {name: _rel_err(got, expected) for name, got, expected in zip(("exp_avg", "exp_avg_sq", "direction"),
+                                                                           state, ref)}
+
+
+def check_lowrank_weight_update(backend, dtype, device, rows, cols, rank, side):
+    """A step as large as the weight, so that an error in the product is not hidden under it."""
+    from sparseft.ops.lowrank_adam import lowrank_weight_update
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = _randn(rows, cols, device=device, gen=gen).to(dtype)
+    projector = _randn(cols if side == "right" else rows, rank, device=device, gen=gen) / rank ** 0.5
+    direction = _randn(*((rows, rank) if side == "right" else (rank, cols)), device=device, gen=gen)
+    lr, scale, weight_decay = 0.5, 1.0, 0.1
+    delta = direction.double() @ projector.double().T if side == "right" else projector.double() @ direction.double()
+    expected = weight.double() * (1 - lr * weight_decay) - lr * scale * delta
+    lowrank_weight_update(weight, direction, projector, side=side, lr=lr, scale=scale, weight_decay=weight_decay,
+                          backend=backend)
+    return {"weight": _rel_err(weight, expected)}
+
+
 # (name, check, full-size arguments, tiny arguments for the interpreter)
 CASES = (
     ("linear_ce", check_linear_cross_entropy, dict(tokens=8192, dim=4096, vocab=128256),
@@ -109,6 +141,11 @@ CASES = (
      dict(batch=16, out_features=48, in_features=40, density=0.05)),
     ("sparse_adamw 5%", check_sparse_adamw, dict(rows=4096, cols=4096, density=0.05),
      dict(rows=64, cols=48, density=0.05)),
+    ("lowrank_adam_direction", check_lowrank_adam_direction, dict(rows=11008, rank=256), dict(rows=37, rank=5)),
+    ("lowrank_weight_update right", check_lowrank_weight_update, dict(rows=4096, cols=4096, rank=128, side="right"),
+     dict(rows=37, cols=29, rank=5, side="right")),
+    ("lowrank_weight_update left", check_lowrank_weight_update, dict(rows=4096, cols=11008, rank=256, side="left"),
+     dict(rows=37, cols=29, rank=5, side="left")),
 )
 
 
