@@ -97,10 +97,13 @@ void step_entries(scalar_t* target, const index_t* idx, const scalar_t* grad, fl
       v.store(exp_avg_sq + k, n);
       float out[Vec::size()];
       w.store(out, n);
+      // float values take one vector store: fewer stores queued beside the scattered ones
+      constexpr bool kVectorValues = kHasValues && std::is_same_v<scalar_t, float>;
+      if constexpr (kVectorValues) w.store(values + k, n);
       for (int64_t j = 0; j < n; ++j) {
         const scalar_t rounded = static_cast<scalar_t>(out[j]);
         target[idx[k + j]] = rounded;
-        if constexpr (kHasValues) values[k + j] = rounded;
+        if constexpr (kHasValues && !kVectorValues) values[k + j] = rounded;
       }
     }
   });
