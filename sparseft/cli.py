@@ -93,6 +93,8 @@ def main(argv=None):
     bench.add_argument("--lift-rank", type=int, default=64, help="sparse: rank of the LIFT mask selection")
     bench.add_argument("--grad-checkpointing", action="store_true", help="sparse: SmolLM2 with activation checkpointing")
     bench.add_argument("--skip-model", action="store_true", help="sparse: optimizer step only, no SmolLM2 step")
+    bench.add_argument("--lift-step", action="store_true",
+                       help="sparse: also the optimizer step over SmolLM2's LIFT-masked matrices beside random masks")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
