@@ -10,8 +10,9 @@ For an m×n matrix A and a target rank r, with k = r + oversample test vectors:
     U, S, V = (Q Ũ)[:, :r], S[:r], V[:, :r]
 
 q power iterations sketch (AAᵀ)^q·A, whose singular values are σ^(2q+1), so the leading
-r-dimensional subspace separates from the tail even where the spectrum decays slowly. Cost: (2·power_iters + 2) products of A with a k-column block plus QRs of m×k and
-n×k blocks, against the O(mn·min(m, n)) of a full SVD. The Gaussian columns come from an
+r-dimensional subspace separates from the tail even where the spectrum decays slowly.
+Cost: (2·power_iters + 2) products of A with a k-column block plus QRs of m×k and n×k
+blocks, against the O(mn·min(m, n)) of a full SVD. The Gaussian columns come from an
 explicit ``torch.Generator`` seeded with ``seed``, so a run is reproducible (LowRankAdamW
 seeds it from the parameter's position and its refresh count, and a resumed run redraws the
 same vectors). All math is float32 whatever the input dtype; ``exact=True`` is the reference:
