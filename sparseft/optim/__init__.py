@@ -1,5 +1,6 @@
 """Optimizers for sparse and memory-efficient fine-tuning."""
 
+from sparseft.optim.lowrank_adamw import LowRankAdamW, lowrank_param_groups
 from sparseft.optim.sparse_adamw import SparseAdamW
 
-__all__ = ["SparseAdamW"]
+__all__ = ["LowRankAdamW", "SparseAdamW", "lowrank_param_groups"]

@@ -1,0 +1,429 @@
+"""LowRankAdamW: AdamW on a low-rank projection of each weight's gradient (GaLore-style).
+
+For an m×n weight W with gradient G in a group with a ``rank`` r, and an orthonormal projector
+P on the side the group's ``proj_type`` picks ("std": right when m >= n, else left):
+
+    right (P [n, r]):  R = G·P  [m, r]        left (P [m, r]):  R = Pᵀ·G  [r, n]
+    M = β1·M + (1 − β1)·R,   V = β2·V + (1 − β2)·R²           (float32, r-sized, in state)
+    N = M̂ / (√V̂ + ε),        M̂ = M / (1 − β1^t),  V̂ = V / (1 − β2^t)
+    right:  W ← W·(1 − lr·wd) − lr·scale·N·Pᵀ      left:  W ← W·(1 − lr·wd) − lr·scale·P·N
+
+t counts the steps the moments have accumulated. P is refreshed from the current gradient
+before the step at step 0 and every ``update_proj_gap`` steps: the top-r singular vectors of
+G, from the randomized range finder of sparseft.linalg (``projector="randomized"``, with
+``oversample`` extra test vectors and ``power_iters`` subspace iterations, warm-started from
+the previous P and seeded from (the parameter's position over all groups, its refresh count),
+so a resumed run draws the same vectors) or from the full SVD (``projector="exact"``). A
+gradient with a non-finite entry, or a factorisation that fails, keeps the previous P (the
+first refresh then falls back to a seeded random orthonormal basis); ``state["failed_refreshes"]``
+counts these and the first one warns. Checking the gradient costs one host synchronisation per
+refresh. At a refresh the moments follow ``moments``:
+
+    "keep"     unchanged (galore-torch): coordinates of the old basis are read in the new one.
+    "reset"    zeroed, and t restarts, so the next step is a fresh Adam step in the new basis.
+    "project"  rotated into the new basis by T = P_oldᵀ·P_new [r, r]: M ← M·T (left: Tᵀ·M), and
+               V ← V·(T∘T) (left: (T∘T)ᵀ·V), t kept. V is a per-coordinate second moment, which a
+               rotation does not carry exactly; V·(T∘T) is the second moment of the rotated
+               coordinates when the old ones are uncorrelated, is non-negative by construction
+               and keeps the total Σ V when both bases span the same subspace.
+
+Parameters that are not projected -- groups without ``rank`` and every tensor with fewer than
+two dimensions -- take plain AdamW steps with torch.optim.AdamW's formula (decoupled weight
+decay first, then m̂/(√v̂ + ε)) through the same fused direction op, with float32 moments.
+
+Differences from galore-torch's AdamW (galore_torch 1.0), and how to make the two agree:
+
+- ε: galore adds ε to √V before the bias correction, i.e. N = M̂/(√V̂ + ε/√(1 − β2^t)); here ε
+  is added to √V̂ as in torch.optim.AdamW. Agree: ε = 0, or ``eps=eps_galore`` with the
+  difference accepted (it matters only while √V̂ ~ ε). galore's default ε is 1e-6, ours 1e-8.
+- weight decay: galore decays after the update, W ← (W − lr·scale·ΔW)·(1 − lr·wd); here W is
+  decayed before, as torch.optim.AdamW does (the two differ by lr²·wd·scale·ΔW). Agree: wd = 0.
+- precision: galore keeps P, R and the moments in the gradient's dtype; here they are float32
+  and a bfloat16/float16 weight is rounded once per step. Agree: float32 weights.
+- galore always factors with the full SVD (``projector="exact"`` here) and keeps the moments at
+  a refresh (``moments="keep"``); its "reverse_std" and "full" proj_types are not offered.
+- plain parameters: galore's own AdamW places ε as above; here they follow torch.optim.AdamW.
+
+With float32 weights, wd = 0, ε = 0 (or galore's ε·√(1 − β2^t) placement accepted),
+``projector="exact"`` and ``moments="keep"``, the weights equal galore-torch's to float32
+rounding (tests/test_lowrank_adamw.py checks 1e-5 relative over 10 steps with a refresh).
+
+``state_dict()`` holds tensors and plain values only -- projectors are float32 tensors, the
+side a string -- so ``torch.load(weights_only=True)`` reads it, and a resumed run is bit-exact
+with an uninterrupted one, refreshes included.
+"""
+
+import math
+import numbers
+import warnings
+
+import torch
+
+from sparseft import _backends
+from sparseft.linalg import truncated_svd
+from sparseft.ops.lowrank_adam import bias_corrections, lowrank_adam_direction, lowrank_weight_update
+
+PROJ_TYPES = ("std", "left", "right")
+PROJECTORS = ("randomized", "exact")
+MOMENTS = ("keep", "reset", "project")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_COUNTERS = ("step", "moment_step", "refreshes", "failed_refreshes")  # plain ints in a projected state
+
+
+def _side(proj_type, shape):
+    if proj_type == "std":
+        return "right" if shape[0] >= shape[1] else "left"
+    return proj_type
+
+
+def _is_int(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_options(group, where):
+    """Group hyper-parameters and projection options; ``where`` prefixes the argument names."""
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+    elif not lr >= 0.0:
+        raise ValueError(f"{where}lr: expected >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}betas: expected two floats in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"{where}eps: expected >= 0, got {eps}")
+    if not wd >= 0.0:
+        raise ValueError(f"{where}weight_decay: expected >= 0, got {wd}")
+    if group.get("rank") is None:
+        return
+    if not _is_int(group["rank"], 1):
+        raise ValueError(f"{where}rank: expected a positive int, got {group['rank']!r}")
+    if not _is_int(group["update_proj_gap"], 1):
+        raise ValueError(f"{where}update_proj_gap: expected a positive int, got {group['update_proj_gap']!r}")
+    for key, value in (("oversample", group["oversample"]), ("power_iters", group["power_iters"])):
+        if not _is_int(value, 0):
+            raise ValueError(f"{where}{key}: expected an int >= 0, got {value!r}")
+    if not isinstance(group["scale"], numbers.Real) or not math.isfinite(group["scale"]):
+        raise ValueError(f"{where}scale: expected a finite float, got {group['scale']!r}")
+    for key, allowed in (("proj_type", PROJ_TYPES), ("projector", PROJECTORS), ("moments", MOMENTS)):
+        if group[key] not in allowed:
+            raise ValueError(f"{where}{key}: expected one of {allowed}, got {group[key]!r}")
+
+
+def _check_param(p, group, name):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(p).__name__}")
+    if p.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"{name}: LowRankAdamW updates float32/bfloat16/float16 parameters, got {p.dtype}")
+    if group.get("rank") is not None and p.dim() > 2:
+        raise ValueError(f"{name}: a projected parameter must be 2-D, got shape {tuple(p.shape)}; put it in a "
+                         "group without 'rank'")
+    if _projected(group, p) and group["rank"] > min(p.shape):
+        raise ValueError(f"{name}: rank {group['rank']} exceeds min(m, n) = {min(p.shape)} of its shape "
+                         f"{tuple(p.shape)}")
+
+
+def _projected(group, p):
+    return group.get("rank") is not None and p.dim() == 2
+
+
+def _moment_shape(shape, rank, side):
+    return (shape[0], rank) if side == "right" else (rank, shape[1])
+
+
+def _projector_shape(group, shape):
+    """(shape of P, side) for a projected parameter of ``shape``."""
+    side = _side(group["proj_type"], shape)
+    return ((shape[1] if side == "right" else shape[0]), group["rank"]), side
+
+
+class LowRankAdamW(torch.optim.Optimizer):
+    """AdamW on low-rank projections of the gradients of 2-D weights (see the module docstring).
+
+    Args:
+        params: parameters, ``(name, param)`` pairs or param groups. A group with a ``rank``
+            projects its 2-D parameters and may carry its own ``update_proj_gap``, ``scale``,
+            ``proj_type``, ``projector``, ``oversample``, ``power_iters`` and ``moments``
+            (galore-torch's group keys port unchanged); :func:`lowrank_param_groups` builds them.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        update_proj_gap: steps between projector refreshes (the first is at step 0).
+        scale: factor of the back-projected update (galore's ``scale``).
+        proj_type: "std" (right projector when m >= n, else left) | "left" | "right".
+        projector: "randomized" (range finder, warm-started) | "exact" (full SVD).
+        oversample, power_iters: the range finder's extra test vectors and subspace iterations.
+        moments: "keep" | "reset" | "project": what a refresh does to the moments.
+        backend: "torch" | "cpu" | "triton" | "cuda" | None (automatic; see sparseft._backends).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, update_proj_gap=200,
+                 scale=0.25, proj_type="std", projector="randomized", oversample=8, power_iters=2, moments="keep",
+                 backend=None):
+        if backend is not None and backend not in _backends.BACKENDS:
+            raise ValueError(f"backend: expected one of {_backends.BACKENDS} or None, got {backend!r}")
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        projector=projector, oversample=oversample, power_iters=power_iters, moments=moments)
+        _check_options({**defaults, "rank": 1}, "")  # any rank: the projection defaults are checked too
+        self.backend = backend
+        self._warned_refresh = False
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- construction
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        try:
+            _check_options(group, f"param_groups[{index}]: ")
+            start = sum(len(g["params"]) for g in self.param_groups[:index])
+            for i, p in enumerate(group["params"]):
+                _check_param(p, group, self._name(group, i, start + i))
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"param_groups[{index}]: params: all params of a group must be on one device, "
+                                 f"got {sorted(map(str, devices))}")
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _name(group, i, position):
+        names = group.get("param_names")
+        return names[i] if names is not None else f"params[{position}]"
+
+    def _params(self):
+        """(group, index in group, position over all groups, param) for every param."""
+        position = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                yield group, i, position, p
+                position += 1
+
+    # ----------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, i, position, p) for group, i, position, p in self._params() if p.grad is not None]
+        for group, i, position, p in work:  # every gradient is checked before any state changes
+            self._check_grad(group, p, self._name(group, i, position))
+        for group, _, position, p in work:
+            if _projected(group, p):
+                self._step_projected(group, position, p)
+            else:
+                self._step_plain(group, p)
+        return loss
+
+    def _check_grad(self, group, p, name):
+        grad = p.grad
+        if grad.is_sparse:
+            raise TypeError(f"{name}: sparse gradients are not supported; LowRankAdamW projects dense gradients")
+        if grad.shape != p.shape or grad.device != p.device:
+            raise ValueError(f"{name}: its gradient has shape {tuple(grad.shape)} on {grad.device}, "
+                             f"expected the parameter's {tuple(p.shape)} on {p.device}")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"{name}: gradient dtype {grad.dtype} differs from the parameter's {p.dtype}")
+        state = self.state.get(p) or {}
+        moments = state.get("exp_avg")
+        if not _projected(group, p):
+            if moments is not None and moments.shape != p.shape:
+                raise ValueError(f"{name}: the parameter's shape changed to {tuple(p.shape)} since its moments "
+                                 f"{tuple(moments.shape)} were built")
+            return
+        if group["rank"] > min(p.shape):
+            raise ValueError(f"{name}: rank {group['rank']} exceeds min(m, n) = {min(p.shape)} of its shape "
+                             f"{tuple(p.shape)}")
+        if "projector" in state:
+            want, side = _projector_shape(group, p.shape)
+            if (side != state["side"] or tuple(state["projector"].shape) != want
+                    or moments is not None and tuple(moments.shape) != _moment_shape(p.shape, want[1], side)):
+                raise ValueError(f"{name}: the parameter's shape changed to {tuple(p.shape)} since its projector "
+                                 f"{tuple(state['projector'].shape)} (side {state['side']!r}) was built")
+
+    def _hyper(self, group):
+        lr = group["lr"]
+        return (float(lr) if isinstance(lr, torch.Tensor) else lr), *group["betas"]
+
+    def _step_plain(self, group, p):
+        lr, beta1, beta2 = self._hyper(group)
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+        state["step"] += 1
+        c1, c2 = bias_corrections(beta1, beta2, state["step"])
+        grad = p.grad.float().contiguous()
+        direction = torch.empty_like(state["exp_avg"])
+        lowrank_adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1, beta2=beta2,
+                               c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
+        decay = 1.0 - lr * group["weight_decay"]
+        if p.dtype == torch.float32:
+            p.mul_(decay).add_(direction, alpha=-lr)
+        else:  # float32 math, one rounding
+            p.copy_(p.float().mul_(decay).add_(direction, alpha=-lr))
+
+    def _step_projected(self, group, position, p):
+        lr, beta1, beta2 = self._hyper(group)
+        state = self.state[p]
+        if not state:
+            _, side = _projector_shape(group, p.shape)
+            state.update(dict.fromkeys(_COUNTERS, 0), side=side)
+        grad = p.grad.float()
+        if state["step"] % group["update_proj_gap"] == 0:
+            self._refresh(group, position, state, grad)
+        projector, side = state["projector"], state["side"]
+        projected = grad @ projector if side == "right" else projector.T @ grad
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(projected), torch.zeros_like(projected)
+        state["step"] += 1
+        state["moment_step"] += 1
+        c1, c2 = bias_corrections(beta1, beta2, state["moment_step"])
+        direction = torch.empty_like(projected)
+        lowrank_adam_direction(projected, state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1,
+                               beta2=beta2, c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
+        lowrank_weight_update(p, direction, projector, side=side, lr=lr, scale=group["scale"],
+                              weight_decay=group["weight_decay"], backend=self.backend)
+
+    # ----------------------------------------------------------------- projector refresh
+    def _refresh(self, group, position, state, grad):
+        previous = state.get("projector")
+        seed = position * 2**32 + state["refreshes"]
+        state["refreshes"] += 1
+        new = None
+        if bool(torch.isfinite(grad).all()):
+            try:
+                new = _factor(grad, group, state["side"], previous, seed)
+            except torch.linalg.LinAlgError:
+                new = None
+            if new is not None and not bool(torch.isfinite(new).all()):
+                new = None
+        if new is None:
+            state["failed_refreshes"] += 1
+            if not self._warned_refresh:
+                self._warned_refresh = True
+                warnings.warn("LowRankAdamW: a projector refresh met a non-finite gradient or a failed "
+                              "factorisation and kept the previous projector (counted in "
+                              "state['failed_refreshes']; warned once)", RuntimeWarning, stacklevel=4)
+            if previous is not None:
+                return
+            new = _random_basis(grad, group["rank"], state["side"], seed)
+        if previous is not None and "exp_avg" in state:
+            self._carry_moments(group["moments"], state, previous, new)
+        state["projector"] = new
+
+    @staticmethod
+    def _carry_moments(moments, state, previous, new):
+        if moments == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["moment_step"] = 0
+        elif moments == "project":
+            turn = previous.T @ new  # [r, r]: new coordinates of the old basis vectors
+            if state["side"] == "right":
+                state["exp_avg"] = state["exp_avg"] @ turn
+                state["exp_avg_sq"] = state["exp_avg_sq"] @ turn.square()
+            else:
+                state["exp_avg"] = turn.T @ state["exp_avg"]
+                state["exp_avg_sq"] = turn.square().T @ state["exp_avg_sq"]
+
+    # ----------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict):
+        """Load a checkpoint; every saved entry is checked against this optimizer's params, ranks
+        and shapes before anything changes. torch's loader would cast the float32 state to each
+        param's dtype, so the per-param state is adopted here and torch loads the groups."""
+        groups = [(group, i, position, p) for group, i, position, p in self._params()]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(saved_groups)} param groups for {len(self.param_groups)} here")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: param_groups[{index}] has {len(saved['params'])} params, "
+                                 f"{len(group['params'])} here")
+            if saved.get("rank") != group.get("rank"):
+                raise ValueError(f"state_dict: param_groups[{index}] was saved with rank {saved.get('rank')!r}, "
+                                 f"this optimizer has rank {group.get('rank')!r}")
+        saved_ids = [pid for saved in saved_groups for pid in saved["params"]]
+        adopted = {}
+        for (group, i, position, p), pid in zip(groups, saved_ids):
+            if pid in state_dict["state"]:
+                adopted[p] = _adopt(state_dict["state"][pid], group, p, self._name(group, i, position))
+        super().load_state_dict({**state_dict, "state": {}})
+        self.state.clear()
+        for p, state in adopted.items():
+            self.state[p] = state
+
+
+def _factor(grad, group, side, previous, seed):
+    """The new projector: the leading right (side "right") or left singular vectors of grad."""
+    rank = group["rank"]
+    if group["projector"] == "exact":
+        u, _, v = truncated_svd(grad, rank, exact=True)
+        return (v if side == "right" else u).contiguous()
+    matrix = grad if side == "right" else grad.T  # left vectors of G are right vectors of Gᵀ
+    _, _, v = truncated_svd(matrix, rank, oversample=group["oversample"], power_iters=group["power_iters"],
+                            warm_start=previous, seed=seed)
+    return v.contiguous()
+
+
+def _random_basis(grad, rank, side, seed):
+    """A seeded random orthonormal basis: the first projector when the first gradient is unusable."""
+    rows = grad.shape[1] if side == "right" else grad.shape[0]
+    generator = torch.Generator(device=grad.device).manual_seed(seed)
+    gaussian = torch.randn(rows, rank, generator=generator, device=grad.device, dtype=torch.float32)
+    return torch.linalg.qr(gaussian, mode="reduced").Q.contiguous()
+
+
+def _adopt(entry, group, p, name):
+    """A checked copy of one saved state entry on the param's device, dtypes kept."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"state_dict: the state of {name} is not a dict")
+    if _projected(group, p):
+        want, side = _projector_shape(group, p.shape)
+        missing = [k for k in (*_COUNTERS, "side", "projector") if k not in entry]
+        if missing:
+            raise ValueError(f"state_dict: the state of {name} lacks {missing} (not a LowRankAdamW checkpoint of "
+                             "a projected parameter?)")
+        if entry["side"] != side or tuple(entry["projector"].shape) != want:
+            raise ValueError(f"state_dict: {name} was saved with a projector of shape "
+                             f"{tuple(entry['projector'].shape)} (side {entry['side']!r}); here it needs {want} "
+                             f"(side {side!r}, rank {group['rank']}, parameter shape {tuple(p.shape)})")
+        moment_shape = _moment_shape(p.shape, want[1], side)
+    else:
+        if "projector" in entry:
+            raise ValueError(f"state_dict: {name} was saved as a projected parameter; here it takes plain AdamW "
+                             "steps (no 'rank' in its group)")
+        moment_shape = tuple(p.shape)
+    if ("exp_avg" in entry) != ("exp_avg_sq" in entry):
+        raise ValueError(f"state_dict: the state of {name} has one of exp_avg / exp_avg_sq but not both")
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in entry:
+            t = entry[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(moment_shape):
+                raise ValueError(f"state_dict: {name} {key} must be a float32 tensor of shape {tuple(moment_shape)}, "
+                                 f"got {getattr(t, 'dtype', type(t).__name__)} of shape "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+    return {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+
+
+def lowrank_param_groups(model, rank=128, targets="all-linear", include=None, **group_options):
+    """Param groups for LowRankAdamW: the 2-D weights that ``targets``/``include`` select (the
+    rules of sparseft.masks.select_targets: "all-linear" or regexes, embeddings, head, norms
+    and biases excluded unless ``include`` names them) in one group with ``rank`` and
+    ``group_options`` (e.g. update_proj_gap, scale, proj_type); every other trainable
+    parameter in a plain-AdamW group. Groups carry ``param_names`` for error messages."""
+    from sparseft.masks.targets import select_targets
+
+    selected = select_targets(model, targets, include)
+    projected, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projected if name in selected and p.dim() == 2 else plain).append((name, p))
+    if not projected:
+        raise ValueError(f"targets={targets!r}, include={include!r} selected no trainable 2-D weight")
+    groups = [{"params": [p for _, p in projected], "param_names": [n for n, _ in projected], "rank": rank,
+               **group_options}]
+    if plain:
+        groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
+    return groups
