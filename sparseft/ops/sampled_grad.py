@@ -18,6 +18,23 @@ from sparseft.ops._chunking import chunk_budget_bytes
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IMPLEMENTED = ("torch", "cpu", "triton", "cuda")
 
+# Mask density from which a layer's values gradient is cheaper as a dense GEMM into a temporary
+# [out, in] gradient and a gather than with this op, per backend (SparseLinear decides per layer).
+# Measured with `OMP_NUM_THREADS=1 sparseft bench sparse --crossover --repeats 10` on the 2-core
+# EPYC (SmolLM2's MLP 576->1536, 512 tokens, float32, forward + backward, median time over
+# nn.Linear's; bench/results/cpu-2core-epyc-sparse-linear-crossover-1thread.json); one thread,
+# because on the shared machine two-thread timings were dominated by waits for a core.
+DENSE_GEMM_MIN_DENSITY = {
+    # sampled 0.74-0.87x up to 10%, 1.01x at 20% (GEMM path 1.00x), 1.04x at 30% (1.05x),
+    # 1.20x at 40% (1.09x), 1.71x at 100% (0.92x): a tie from 20% to 30%, then the GEMM wins
+    "cpu": 0.30,
+    # the reference gathers columns: 0.93x at 0.25% (GEMM path 0.90x), 1.30x at 0.5% (1.01x)
+    "torch": 0.005,
+    # not measured (no GPU lent so far): only full masks, where the GEMM alone is the whole gradient
+    "triton": 1.0,
+    "cuda": 1.0,
+}
+
 
 def sampled_weight_grad_torch(grad_output, input, indices):
     """Plain-PyTorch reference: gathers the needed columns chunk by chunk over the entries, so
