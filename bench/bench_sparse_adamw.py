@@ -8,6 +8,8 @@ Methods:
   torch_adamw          torch.optim.AdamW on the whole weight (fused=True where supported,
                        else foreach): the baseline of every ratio
   copy                 dst.copy_(src) of COPY_BYTES: the machine's copy bandwidth, same run
+  scatter_only         index_copy_ of the compact values into the weight: the scattered
+                       stores alone, which every masked step makes (a floor for them)
   naive_masked_adamw   index_select of the dense grad into a compact copy, AdamW on it,
                        index_copy_ back (what LIFT-style code does)
   sparse_adamw_dense_grad[<backend>]      SparseAdamW, the dense grad gathered in the kernel
@@ -22,8 +24,9 @@ bytes_moved is the memory traffic a step cannot avoid: torch AdamW reads and wri
 weight and both moments and reads the gradient (7 element sizes per parameter); SparseAdamW
 reads per entry its index and gradient and reads and writes its values, moments and step
 count, and moves two 64-byte transfers (read for ownership, write-back) per weight cache line
-holding an entry, plus one per line of a dense gradient read at the mask; the copy reads and
-writes COPY_BYTES. gbps = bytes_moved / step_s. state_bytes counts optimizer state (moments,
+holding an entry, plus one per line of a dense gradient read at the mask; scatter_only reads
+the int64 index and the value and moves the same weight lines; the copy reads and writes
+COPY_BYTES. gbps = bytes_moved / step_s. state_bytes counts optimizer state (moments,
 step counts); mask_bytes the indices, which a sparsified model holds anyway.
 
     python bench/bench_sparse_adamw.py --device cpu --repeats 10
@@ -142,6 +145,14 @@ def _naive_masked(weight, grad, idx):
     return step, opt
 
 
+def _scatter_only(weight, idx):
+    target, idx = weight.clone().view(-1), idx.long()  # index_copy_ takes int64 only
+    values = target[idx]
+    step = lambda: target.index_copy_(0, idx, values)  # noqa: E731
+    bytes_moved = idx.numel() * (idx.element_size() + values.element_size()) + 2 * LINE_BYTES * lines_touched(target, idx)
+    return step, bytes_moved
+
+
 def _copy(device):
     src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src).fill_(0.0)
@@ -197,6 +208,9 @@ def run(shapes=SHAPES, densities=DENSITIES, dtype=torch.float32, device="cpu", r
             cases = {"torch_adamw": dict(density=density, method="torch_adamw", backend=flavour,
                                          state_bytes=dense_bytes, mask_bytes=0, bytes_moved=_adamw_bytes([weight])),
                      "copy": dict(density=density, method="copy", backend="torch", bytes_moved=2 * COPY_BYTES)}
+            fns["scatter"], scatter_bytes = _scatter_only(weight, idx)
+            cases["scatter"] = dict(density=density, method="scatter_only", backend="torch", bytes_moved=scatter_bytes,
+                                    lines_touched=touched)
             step, opt = _naive_masked(weight.clone(), grad, idx)
             fns["naive"] = step
             cases["naive"] = dict(density=density, method="naive_masked_adamw", backend="torch", opt=opt)
@@ -216,7 +230,9 @@ def run(shapes=SHAPES, densities=DENSITIES, dtype=torch.float32, device="cpu", r
                                                          backend=backend, opt=opt,
                                                          bytes_moved=_sparse_bytes(module.weight, idx))
             times = _timed_rounds(fns, repeats, device)
-            for case in cases.values():
+            for name, case in cases.items():
+                if name not in ("torch_adamw", "copy"):
+                    case["mask"] = "random"
                 opt = case.pop("opt", None)
                 if opt is not None:
                     case.update(state_bytes=_tensor_bytes(opt.state), mask_bytes=mask_bytes,
@@ -272,7 +288,7 @@ def table(rows):
         q1, q3 = r["step_ratio_quartiles"]
         gbps = f"{r['gbps']:6.1f} {r['gbps_vs_copy']:6.2f}" if "gbps" in r else f"{'':6} {'':6}"
         touched = f"{r['lines_touched']:5.2f}" if "lines_touched" in r else ""
-        lines.append(f"{case:>14} {r['density']:>7.3f} {r['method']:<26} {r['backend']:<8} {r.get('mask', 'random'):<7} "
+        lines.append(f"{case:>14} {r['density']:>7.3f} {r['method']:<26} {r['backend']:<8} {r.get('mask', ''):<7} "
                      f"{r['step_s'] * 1e3:>9.2f} {r['step_ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {gbps} {touched}")
     return "\n".join(lines)
 
