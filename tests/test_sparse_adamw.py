@@ -329,6 +329,25 @@ def test_closure_and_grad_clipping_over_compact_values():
     torch.testing.assert_close(module.weight.view(-1)[idx.long()].double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trainable_params_without_mask_step_as_dense_adamw(backend, dtype):
+    matrix, vector = nn.Parameter(_weights(dtype)), nn.Parameter(_weights(dtype, seed=5)[0])
+    w0, v0 = matrix.detach().clone(), vector.detach().clone()
+    opt = SparseAdamW([matrix, vector], lr=1e-2, weight_decay=0.1, backend=backend)
+    grads = _grads(3, dtype)
+    for g in grads:
+        matrix.grad, vector.grad = g.clone(), g[1].clone()
+        opt.step()
+    for p, start, steps in ((matrix, w0, grads), (vector, v0, [g[1] for g in grads])):
+        every = torch.arange(p.numel(), dtype=torch.int32)
+        ref, ref_state = _reference(start, every, steps, dtype, [1e-2] * 3, weight_decay=0.1)
+        torch.testing.assert_close(p.detach().reshape(-1).double(), ref, **_tolerances(dtype))
+        state = opt.state[p]
+        assert torch.equal(state["indices"], every) and state["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(state["exp_avg_sq"].double(), ref_state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
 def test_frozen_params_without_mask_are_held_but_not_stepped():
     frozen = nn.Parameter(torch.ones(3), requires_grad=False)
     w = nn.Parameter(_weights(torch.float32))
@@ -367,8 +386,8 @@ def test_mask_bookkeeping_errors():
         SparseAdamW([p], masks={"a": idx})
     with pytest.raises(ValueError, match="aligned"):
         SparseAdamW([p], masks=[idx, idx])
-    with pytest.raises(ValueError, match="needs a mask"):
-        SparseAdamW([p], masks=[None])
+    with pytest.raises(ValueError, match="params\\[0\\].*contiguous"):
+        SparseAdamW([nn.Parameter(_weights(torch.float32).t())])
     with pytest.raises(ValueError, match="both"):
         SparseAdamW([{"params": [p], "masks": [idx]}], masks=[idx])
     module = StandInSparseLinear(_weights(torch.float32), idx)

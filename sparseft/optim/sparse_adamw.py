@@ -3,7 +3,9 @@
 Two kinds of parameters:
 
 (a) a dense parameter with a mask (sorted unique flat indices into ``param.view(-1)``): its
-    dense ``.grad`` is gathered at the indices inside the fused kernel;
+    dense ``.grad`` is gathered at the indices inside the fused kernel. A trainable parameter
+    given no mask (a norm that ``sparsify(..., train=)`` keeps trainable) is plain AdamW: its
+    mask is every entry, so it shares the state, checkpoints and ``update_masks`` of the rest;
 (b) the ``weight_values`` parameter of a module made by ``sparseft.sparsify`` (it carries
     ``_sparseft_module``): its ``.grad`` is already compact; the update goes to the values
     and, in the same kernel, into ``module.weight.view(-1)[module.weight_indices]``. The
@@ -21,7 +23,7 @@ plain values (``torch.load(weights_only=True)`` reads it) and resume is bit-exac
 import torch
 
 from sparseft import _backends
-from sparseft.masks._validate import validate_mask
+from sparseft.masks._validate import mask_dtype, validate_mask
 from sparseft.optim._sparse_adamw_backends import sparse_adamw_step
 
 _STATE_KEYS = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
@@ -103,8 +105,12 @@ class SparseAdamW(torch.optim.Optimizer):
         masks: one entry per parameter: a list aligned with all params (over all groups, in
             order), or a dict keyed by param name (named params) or position. An entry is a
             mask (sorted unique int32 flat indices; int64 from 2**31 elements) or None for a
-            sparsified ``weight_values`` param. A trainable param with neither raises; a
-            frozen one without a mask is held but never stepped.
+            sparsified ``weight_values`` param. A trainable param with neither is stepped as
+            torch.optim.AdamW would step it, with float32 state: its mask is every entry, which
+            costs 16 bytes of state per element (AdamW: 8 for a float32 weight) and about 5x the
+            time of torch's fused AdamW (one CPU core, 49152x576: 0.15 s against 0.027 s),
+            nothing for norms, noticeable for an embedding. A frozen param without a mask is
+            held but never stepped.
         backend: "torch" | "cpu" | "triton" | "cuda" | None (automatic; see sparseft._backends).
     """
 
@@ -168,12 +174,11 @@ class SparseAdamW(torch.optim.Optimizer):
             _check_module(p, module, name)
             validate_mask(module.weight_indices, module.weight.numel(), name)
             return {"indices": module.weight_indices}
-        if mask is None:
-            if p.requires_grad:
-                raise ValueError(f"{name}: a trainable parameter needs a mask (or must be the weight_values of a "
-                                 "module made by sparseft.sparsify)")
+        if mask is None and not p.requires_grad:
             return None
         _check_dense_param(p, name)
+        if mask is None:  # trainable without a mask: dense AdamW, as a mask of every entry
+            return {"indices": torch.arange(p.numel(), dtype=mask_dtype(p.numel()), device=p.device)}
         validate_mask(mask, p.numel(), name)
         return {"indices": mask.to(p.device)}
 
