@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sparseft.masks._validate import validate_mask
+from sparseft.masks.targets import _compile_patterns
 from sparseft.ops.sampled_grad import DENSE_GEMM_MIN_DENSITY, resolve_backend, sampled_grad_2d
 
 
@@ -172,11 +173,19 @@ def _parent_and_child(model, module_name):
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def sparsify(model, masks, backend=None):
+def sparsify(model, masks, backend=None, train=None):
     """Replaces, in place, each ``nn.Linear`` named ``n`` with ``n + ".weight"`` in ``masks``
     by a :class:`SparseLinear` trained at that mask; already sparsified modules are re-indexed.
-    ``masks`` maps parameter names to masks (e.g. a sparseft.masks.MaskSet). Every name and mask
-    is checked before anything changes. Returns ``model``."""
+    ``masks`` maps parameter names to masks (e.g. a sparseft.masks.MaskSet).
+
+    Afterwards only the masked entries train, as in LIFT and SaRA: the ``weight_values`` of every
+    SparseLinear in the model require grad and every other parameter (embeddings, head, norms,
+    biases, unmasked layers) is frozen, unless its name matches a regex of ``train`` (one or a
+    list, matched with ``re.search``): ``train=r"norm"`` also trains the norms densely, which
+    ``SparseAdamW`` does for a trainable parameter without a mask. So
+    ``[p for p in model.parameters() if p.requires_grad]`` is what the optimizer needs. The dense
+    ``weight`` of a SparseLinear never trains. Every name, mask and pattern is checked before
+    anything changes. Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(masks, "items"):
@@ -205,6 +214,10 @@ def sparsify(model, masks, backend=None):
         raise ValueError(f"masks name tied weights, which cannot be sparsified: {shared}")
     for module_name, module, indices in targets:
         validate_mask(indices, module.weight.numel(), module_name + ".weight")
+    kept = _densely_trained(model, train, sparse={id(module) for _, module, _ in targets})
+    # Frozen before wrapping, so a weight unsparsify hands back stays frozen like the rest.
+    for param in model.parameters():
+        param.requires_grad_(id(param) in kept)
     for module_name, module, indices in targets:
         if isinstance(module, SparseLinear):
             module.reindex_(indices)
@@ -213,12 +226,36 @@ def sparsify(model, masks, backend=None):
         else:
             parent, child = _parent_and_child(model, module_name)
             setattr(parent, child, SparseLinear.from_linear(module, indices, backend))
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.weight_values.requires_grad_(True)
     return model
+
+
+def _densely_trained(model, train, sparse):
+    """ids of the parameters whose names match a ``train`` pattern, leaving out the weights and
+    values of SparseLinear modules and of the ``sparse`` modules about to become ones."""
+    if train is None:
+        return set()
+    patterns = _compile_patterns(train, "train")
+    sparse_params = {id(p) for module in model.modules()
+                     if isinstance(module, SparseLinear) or id(module) in sparse
+                     for p in (module.weight, getattr(module, "weight_values", None)) if p is not None}
+    named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if id(p) not in sparse_params]
+    kept = set()
+    for pattern in patterns:
+        matched = {id(p) for name, p in named if pattern.search(name)}
+        if not matched:
+            raise ValueError(f"train: {pattern.pattern!r} matches no parameter outside the sparsified weights")
+        kept |= matched
+    return kept
 
 
 def unsparsify(model):
     """Replaces, in place, every :class:`SparseLinear` by an nn.Linear holding its current
-    weight and bias. Returns ``model``."""
+    weight and bias. Each weight gets back the ``requires_grad`` it had when wrapped, which after
+    :func:`sparsify` is False like everything sparsify froze (``model.requires_grad_()`` makes
+    the whole model trainable again). Returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseLinear):
             if not name:

@@ -375,7 +375,27 @@ def test_sparsify_unsparsify_tiny_llama():
     assert set(model.state_dict()) == set(trained)
     for key, value in model.state_dict().items():
         assert torch.equal(value, trained[key]), key
-    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())  # sparsify froze them, the linears too
+
+
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_sparsify_trains_only_the_masked_entries_and_train_patterns():
+    model = tiny_llama()
+    masks = llama_masks(model)
+    values = {name[:-len("weight")] + "weight_values" for name in masks}
+    sparsify(model, masks)
+    assert trainable(model) == values
+
+    norms = {name for name, _ in model.named_parameters() if "norm" in name}
+    sparsify(model, {}, train=[r"norm"])  # the modules sparsified before keep training their values
+    assert trainable(model) == values | norms
+
+    fresh = tiny_llama()
+    sparsify(fresh, masks, train=r"layers\.0\.self_attn\.")  # never the dense weight of a sparse layer
+    assert trainable(fresh) == values | {f"model.layers.0.self_attn.{n}_proj.weight" for n in "kvo"}
 
 
 def test_sparsify_reindexes_sparsified_modules():
@@ -416,3 +436,8 @@ def test_sparsify_bad_input():
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="tied"):
         sparsify(tied, {"1.weight": random_mask(8, 4, 0.5)})
+    # a pattern that trains nothing is a mistake, reported before anything is frozen
+    for train, words in ((r"layers\.0\.self_attn\.q_proj", "matches no parameter"), (r"(", "train"), (3, "train")):
+        with pytest.raises(ValueError, match=words):
+            sparsify(model, {"model.layers.0.self_attn.q_proj.weight": good}, train=train)
+    assert all(p.requires_grad for p in model.parameters())
