@@ -19,7 +19,11 @@ first refresh then falls back to a seeded random orthonormal basis); ``state["fa
 counts these and the first one warns. Checking the gradient costs one host synchronisation per
 refresh. At a refresh the moments follow ``moments``:
 
-    "keep"     unchanged (galore-torch): coordinates of the old basis are read in the new one.
+    "keep"     unchanged (galore-torch): coordinates of the old basis are read in the new one,
+               so the steps after a refresh depend on the signs and the rotation within
+               near-equal singular values that the factorisation happens to give the new basis
+               (a rounding-level change of the gradient can flip them; under "reset" and
+               "project" a flipped sign cancels, and a rotation nearly does).
     "reset"    zeroed, and t restarts, so the next step is a fresh Adam step in the new basis.
     "project"  rotated into the new basis by T = P_oldᵀ·P_new [r, r]: M ← M·T (left: Tᵀ·M), and
                V ← V·(T∘T) (left: (T∘T)ᵀ·V), t kept. V is a per-coordinate second moment, which a
