@@ -56,35 +56,40 @@ def _lowrank_update_kernel(w_ptr, a_ptr, b_ptr, M, N, R, decay, alpha, B_FROM_P:
                            PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # A 1-D grid (a second dimension would stop at 65535 row tiles), column tiles fastest.
     n_col_tiles = tl.cdiv(N, BN)
-    rows = (tl.program_id(0) // n_col_tiles) * BM + tl.arange(0, BM)
-    cols = (tl.program_id(0) % n_col_tiles) * BN + tl.arange(0, BN)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    row0 = (tl.program_id(0) // n_col_tiles) * BM
+    col0 = (tl.program_id(0) % n_col_tiles) * BN
+    # int64 only in each tile's base pointer: int32 offsets inside a tile (BM·N, BN·R and BK·N
+    # stay far below 2^31) save registers that per-element int64 offsets would hold.
+    i = tl.arange(0, BM)
+    j = tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    row_ok = row0 + i < M
+    col_ok = col0 + j < N
+    a_tile = a_ptr + row0.to(tl.int64) * R
+    b_tile = b_ptr + (col0.to(tl.int64) * R if B_FROM_P else col0)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, R, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < R
-        a = tl.load(a_ptr + rows64[:, None] * R + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if B_FROM_P:  # B[k, j] = P[j, k], P of shape [N, R]
-            b_offs = cols64[None, :] * R + k[:, None]
-        else:  # B[k, j] = N[k, j], N of shape [R, N]
-            b_offs = k.to(tl.int64)[:, None] * N + cols64[None, :]
-        b = tl.load(b_ptr + b_offs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        k_ok = k0 + kk < R
+        a = tl.load(a_tile + (i[:, None] * R + (k0 + kk)[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if B_FROM_P:  # B[k, j] = P[j, k], P of shape [n, r]
+            b_ptrs = b_tile + (j[None, :] * R + (k0 + kk)[:, None])
+        else:  # B[k, j] = N[k, j], N of shape [r, n]
+            b_ptrs = b_tile + tl.cast(k0, tl.int64) * N + (kk[:, None] * N + j[None, :])
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    w_offs = rows64[:, None] * N + cols64[None, :]
+    w_ptrs = w_ptr + row0.to(tl.int64) * N + col0 + (i[:, None] * N + j[None, :])
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + w_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    tl.store(w_ptr + w_offs, _round_to(decay * w + alpha * acc, w_ptr.dtype.element_ty), mask=tile_ok)
+    w = tl.load(w_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(w_ptrs, _round_to(decay * w + alpha * acc, w_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def _update_configs():
     # (BM, BN, BK, warps, stages); R is a rank (tens to a few hundred), so BK stays small.
-    # With ieee products, 64 accumulators a thread take ~250 of the 255 registers on sm_90 (no
-    # spills); the 32-a-thread configs trade tile reuse for occupancy.
+    # sm_90, by .ci/compile_triton: 64 accumulators a thread take ~250 of the 255 registers with
+    # sizes that are multiples of 16 and spill up to 240 B with other sizes; the 32-a-thread
+    # configs (at most 128 registers, or 254 with ragged sizes) never spill.
     specs = ((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3),
              (64, 64, 32, 4, 3), (64, 64, 16, 4, 2))
     return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s) for bm, bn, bk, w, s in specs]
