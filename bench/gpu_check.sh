@@ -67,7 +67,7 @@ if [ "$mode" != --more ]; then
   phase 130 "validate every backend against float64" $python -m sparseft.bench.gpu_validate --device $device $tiny \
     --json "$OUT/validate.json"
   phase 60 "GPU tests" $python -m pytest -q -p no:cacheprovider tests/test_ce_cuda.py tests/test_sparse_linear.py \
-    tests/test_sparse_adamw.py -k "cuda or gpu"
+    tests/test_sparse_adamw.py tests/test_lowrank_adam_kernels.py tests/test_lowrank_adam_op.py -k "cuda or gpu"
   # The target shape first: Llama-3 head, 8192 tokens, both GPU backends beside the peers.
   phase 110 "benchmark: cross-entropy, $shape head" $python -m sparseft.cli bench ce --device $device --dtype $dtype \
     --shapes $shape --tokens $tokens --cases $cases --repeats $repeats --json "$OUT/bench_ce.json"
