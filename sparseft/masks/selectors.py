@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
+from sparseft.linalg import truncated_svd
 from sparseft.masks._kth_largest import abs_diff_float32, kth_largest_abs_diff
 from sparseft.masks._validate import mask_dtype
 from sparseft.masks.maskset import MaskSet
@@ -59,33 +60,27 @@ def _seed_for(*parts):
     return int.from_bytes(digest[:7], "little")
 
 
-def _forked_rng(device):
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
-def _low_rank(weight, rank, exact, oversample, niter, seed):
-    """float32 rank-`rank` approximation of a 2-D weight."""
-    w = weight.detach().float()
-    if exact:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return (u[:, :rank] * s[:rank]) @ vh[:rank]
-    with _forked_rng(w.device):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(w, q=min(rank + oversample, *w.shape), niter=niter)
-    return (u[:, :rank] * s[:rank]) @ v[:, :rank].T
-
-
 def lift(model, rank=128, density=None, budget=None, targets="all-linear", include=None,
-         exact=False, oversample=10, niter=2, seed=0):
+         svd="exact", oversample=None, power_iters=8, seed=0):
     """LIFT principal weights: per 2-D target W, the k largest |W'| where W' is W's rank-r
     approximation (r = min(rank, m, n)). This follows the paper; the released LIFT code
     selects the smallest entries instead.
 
     k: `density` * m * n, or budget="lora" (the default when no density is given):
     k = min((m + n) * r, m * n), the parameter count of a rank-r LoRA adapter.
-    W' comes from torch.svd_lowrank(q=r + oversample, niter) seeded with `seed`, or from
-    an exact torch.linalg.svd when exact=True.
+
+    svd="exact" (default): W' from the full SVD, as LIFT's code computes it by default.
+    Trained weights have flat spectra, so the top-k of |W'| follows any error in W'. Measured on
+    SmolLM2-135M (rank 64, density 5%, its 210 linear weights) against a float64 SVD: mask
+    overlap 1.000 on average and 0.9998 at worst, in 21.5 s on one CPU core; a 4096 x 4096
+    weight takes 32 s there (a GPU is far faster).
+
+    svd="randomized": W' from sparseft.linalg.truncated_svd with r + `oversample` test vectors
+    (default oversample 2r) and `power_iters` subspace iterations, seeded per target from `seed`.
+    Measured as above: overlap 0.998 on average and 0.987 at worst; 30 s for SmolLM2, whose
+    narrow weights gain nothing, and 5.1 s for a 4096 x 4096 weight (6x faster than exact).
+    Cheaper settings lose entries: oversample 2r with 6 iterations 0.994 / 0.962 (average /
+    worst); LIFT's randomized variant (oversample r, 2 iterations) 0.80 / 0.49.
     """
     if density is not None and budget is not None:
         raise ValueError("lift: pass either density or budget, not both")
@@ -95,6 +90,8 @@ def lift(model, rank=128, density=None, budget=None, targets="all-linear", inclu
         raise ValueError(f"budget: expected 'lora', got {budget!r}")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected a positive int, got {rank!r}")
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"svd: expected 'exact' or 'randomized', got {svd!r}")
     tensors = select_targets(model, targets, include)
     masks = {}
     for name, weight in tensors.items():
@@ -103,10 +100,12 @@ def lift(model, rank=128, density=None, budget=None, targets="all-linear", inclu
         m, n = weight.shape
         r = min(rank, m, n)
         k = _count(density, m * n) if density is not None else min((m + n) * r, m * n)
-        approx = _low_rank(weight, r, exact, oversample, niter, _seed_for(seed, name))
-        masks[name] = _top(approx.abs(), k)
+        u, s, v = truncated_svd(weight.detach(), r, exact=svd == "exact", power_iters=power_iters,
+                                oversample=2 * r if oversample is None else oversample, seed=_seed_for(seed, name))
+        masks[name] = _top(((u * s) @ v.T).abs(), k)
+    randomized = dict(oversample=oversample, power_iters=power_iters, seed=seed) if svd == "randomized" else {}
     return _maskset(masks, tensors, "lift", rank=rank, density=density, budget="lora" if density is None else None,
-                    exact=exact, oversample=oversample, niter=niter, seed=seed, targets=targets, include=include)
+                    svd=svd, **randomized, targets=targets, include=include)
 
 
 def sara(model, threshold=None, fraction=None, targets="all-linear", include=None):
