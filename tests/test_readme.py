@@ -98,11 +98,20 @@ def check_sparse_training(ns, before):
         torch.testing.assert_close(other[name], after[name], rtol=0, atol=1e-6)
 
 
+def check_lowrank_training(ns, before):
+    """The projected weights and the plain ones both trained."""
+    assert ns["trainer"].state.global_step == 2
+    after = ns["model"].state_dict()
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} did not train"
+
+
 CHECKS = {
     "Fused masked-loss cross-entropy": check_loss,
     "With a Hugging Face Trainer": check_trainer,
     "Loss-weight collators": check_collated,
     "Sparse-mask gradient updates": check_sparse_training,
+    "Low-rank gradient projection (GaLore-style)": check_lowrank_training,
 }
 BLOCKS = python_blocks()
 
