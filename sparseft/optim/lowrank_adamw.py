@@ -67,6 +67,7 @@ import torch
 from sparseft import _backends
 from sparseft.linalg import truncated_svd
 from sparseft.ops.lowrank_adam import bias_corrections, lowrank_adam_direction, lowrank_weight_update
+from sparseft.optim._hyper import check_adamw_hyper
 
 PROJ_TYPES = ("std", "left", "right")
 PROJECTORS = ("randomized", "exact")
@@ -87,18 +88,7 @@ def _is_int(value, minimum):
 
 def _check_options(group, where):
     """Group hyper-parameters and projection options; ``where`` prefixes the argument names."""
-    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-    elif not lr >= 0.0:
-        raise ValueError(f"{where}lr: expected >= 0, got {lr}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{where}betas: expected two floats in [0, 1), got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"{where}eps: expected >= 0, got {eps}")
-    if not wd >= 0.0:
-        raise ValueError(f"{where}weight_decay: expected >= 0, got {wd}")
+    check_adamw_hyper(group, where)
     if group.get("rank") is None:
         return
     if not _is_int(group["rank"], 1):

@@ -24,6 +24,7 @@ import torch
 
 from sparseft import _backends
 from sparseft.masks._validate import mask_dtype, validate_mask
+from sparseft.optim._hyper import check_adamw_hyper
 from sparseft.optim._sparse_adamw_backends import sparse_adamw_step
 
 _STATE_KEYS = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
@@ -80,21 +81,6 @@ class _MaskLookup:
                              "a mask list must be aligned with the params")
 
 
-def _check_hyper(group, where):
-    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-    elif not lr >= 0.0:
-        raise ValueError(f"{where}lr: expected >= 0, got {lr}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{where}betas: expected two floats in [0, 1), got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"{where}eps: expected >= 0, got {eps}")
-    if not wd >= 0.0:
-        raise ValueError(f"{where}weight_decay: expected >= 0, got {wd}")
-
-
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, torch.optim.AdamW semantics) on masked entries only.
 
@@ -120,7 +106,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {_backends.BACKENDS} or None, got {backend!r}")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay)
-        _check_hyper(defaults, "")
+        check_adamw_hyper(defaults, "")
         self.backend = backend
         self._init_masks = _MaskLookup(masks, "masks")
         self._n_params = 0
@@ -135,7 +121,7 @@ class SparseAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_hyper(group, f"param_groups[{len(self.param_groups) - 1}]: ")
+            check_adamw_hyper(group, f"param_groups[{len(self.param_groups) - 1}]: ")
             states = []
             init_lookup = getattr(self, "_init_masks", None)
             names = group.get("param_names")
