@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sparseft.masks._validate import validate_mask
-from sparseft.masks.targets import _compile_patterns
+from sparseft.masks.targets import compile_patterns
 from sparseft.ops.sampled_grad import DENSE_GEMM_MIN_DENSITY, resolve_backend, sampled_grad_2d
 
 
@@ -237,7 +237,7 @@ def _densely_trained(model, train, sparse):
     values of SparseLinear modules and of the ``sparse`` modules about to become ones."""
     if train is None:
         return set()
-    patterns = _compile_patterns(train, "train")
+    patterns = compile_patterns(train, "train")
     sparse_params = {id(p) for module in model.modules()
                      if isinstance(module, SparseLinear) or id(module) in sparse
                      for p in (module.weight, getattr(module, "weight_values", None)) if p is not None}

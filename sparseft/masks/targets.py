@@ -22,7 +22,7 @@ _NAME_RULES = (
 )
 
 
-def _compile_patterns(patterns, argument):
+def compile_patterns(patterns, argument):
     if isinstance(patterns, str):
         patterns = [patterns]
     try:
@@ -37,7 +37,7 @@ def _split_include(include):
     if isinstance(include, str):
         include = [include]
     categories = {item for item in include if item in CATEGORIES}
-    patterns = _compile_patterns([item for item in include if item not in CATEGORIES], "include")
+    patterns = compile_patterns([item for item in include if item not in CATEGORIES], "include")
     return categories, patterns
 
 
@@ -108,7 +108,7 @@ def select_targets(source, targets="all-linear", include=None):
     if isinstance(targets, str) and targets == "all-linear":
         candidates = linear
     else:
-        patterns = _compile_patterns(targets, "targets")
+        patterns = compile_patterns(targets, "targets")
         candidates = {n for n in tensors if any(p.search(n) for p in patterns)}
     chosen = {
         name
