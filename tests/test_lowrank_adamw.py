@@ -435,3 +435,128 @@ def test_a_plain_parameter_whose_shape_changed_raises_before_any_change():
     with pytest.raises(ValueError, match=r"params\[1\]: the parameter's shape changed"):
         opt.step()
     assert opt.state[matrix]["step"] == 1
+
+
+# ----------------------------------------------------------------------------- layerwise mode
+class TwoLayer(nn.Module):
+    """Two projected weights (one per side) and plain biases, regressed on batches the test picks."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.up, self.down = nn.Linear(24, 40), nn.Linear(40, 20)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.x = torch.randn(6, 32, 24, generator=g)
+        self.y = torch.randn(6, 32, 20, generator=g)
+
+    def loss(self, batch):
+        return (self.down(torch.tanh(self.up(self.x[batch]))) - self.y[batch]).square().mean()
+
+    def groups(self):
+        return [{"params": [self.up.weight, self.down.weight], "rank": 6},
+                {"params": [self.up.bias, self.down.bias]}]
+
+
+def _micro_batches(step, k):
+    """Refresh steps (0, 4, 8) see k copies of one batch, so the first micro-batch's gradient
+    spans what the summed gradient spans; the other steps see k different batches."""
+    return [step % 6] * k if step % 4 == 0 else [(step + j) % 6 for j in range(k)]
+
+
+def _run_dense(model, opt, steps, k, start):
+    for step in range(start, start + steps):
+        opt.zero_grad(set_to_none=True)
+        for batch in _micro_batches(step, k):
+            model.loss(batch).backward()
+        opt.step()
+
+
+def _run_layerwise(model, opt, steps, k, start):
+    for step in range(start, start + steps):
+        for batch in _micro_batches(step, k):
+            model.loss(batch).backward()
+            assert all(p.grad is None for p in (model.up.weight, model.down.weight)), "a projected .grad survived"
+        assert all(p.grad is None for p in model.parameters()), "a gradient survived the last micro-batch"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_layerwise_with_accumulation_equals_the_optimizer_on_the_summed_gradient(k, clip):
+    options = dict(lr=0.02, weight_decay=0.1, update_proj_gap=4, max_grad_norm=clip)
+    dense, layerwise = TwoLayer(), TwoLayer()
+    dense_opt = LowRankAdamW(dense.groups(), **options)
+    layer_opt = LowRankAdamW(layerwise.groups(), layerwise=True, accumulation_steps=k, **options)
+    for start in (0, 5):  # compared mid-run and after refreshes at steps 0, 4 and 8
+        _run_dense(dense, dense_opt, 5, k, start)
+        _run_layerwise(layerwise, layer_opt, 5, k, start)
+        for a, b in zip(dense.parameters(), layerwise.parameters()):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(layer_opt.last_grad_norm, dense_opt.last_grad_norm, rtol=1e-5, atol=0)
+    assert layer_opt.state[layerwise.up.weight]["refreshes"] == 3
+    if clip is not None:
+        assert float(dense_opt.last_grad_norm) > clip  # the clipping acted
+
+
+def test_layerwise_refresh_takes_the_first_micro_batch_gradient():
+    model = TwoLayer()
+    opt = LowRankAdamW(model.groups(), layerwise=True, accumulation_steps=2, projector="exact")
+    first = torch.autograd.grad(model.loss(1), model.up.weight)[0]  # up is 40×24: right projector
+    model.loss(1).backward()
+    model.loss(2).backward()
+    opt.step()
+    expected = truncated_svd(first, 6, exact=True)[2]
+    assert subspace_overlap(expected, opt.state[model.up.weight]["projector"]) > 1 - 1e-5
+
+
+def test_grad_norm_is_measured_on_the_projected_and_plain_gradients():
+    model = TwoLayer()
+    opt = LowRankAdamW(model.groups(), update_proj_gap=100)
+    model.loss(0).backward()
+    opt.step()  # builds the projectors
+    opt.zero_grad()
+    model.loss(1).backward()
+    parts = []
+    for p in model.parameters():
+        state = opt.state[p]
+        if "projector" in state:
+            P = state["projector"]
+            parts.append(p.grad @ P if state["side"] == "right" else P.T @ p.grad)
+        else:
+            parts.append(p.grad)
+    opt.step()
+    expected = torch.cat([t.reshape(-1) for t in parts]).double().norm()
+    torch.testing.assert_close(opt.last_grad_norm.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_layerwise_step_after_too_few_micro_batches_raises():
+    model = TwoLayer()
+    opt = LowRankAdamW(model.groups(), layerwise=True, accumulation_steps=2, max_grad_norm=1.0)
+    model.loss(0).backward()
+    with pytest.raises(RuntimeError, match="after 1 of accumulation_steps=2 micro-batches"):
+        opt.step()
+
+
+def test_a_param_can_have_one_layerwise_owner():
+    model = TwoLayer()
+    opt = LowRankAdamW(model.groups(), layerwise=True)
+    with pytest.raises(ValueError, match=r"params\[0\]: already has a post-accumulate-grad hook"):
+        LowRankAdamW(model.groups(), layerwise=True)
+    opt.remove_hooks()
+    again = LowRankAdamW(model.groups(), layerwise=True)
+    model.loss(0).backward()
+    assert again.state[model.up.weight]["step"] == 1 and not opt.state
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(accumulation_steps=2), "accumulation_steps: only layerwise=True"),
+    (dict(layerwise=True, accumulation_steps=0), "accumulation_steps: expected a positive int"),
+    (dict(layerwise=1), "layerwise: expected a bool"),
+    (dict(max_grad_norm=0.0), "max_grad_norm: expected a positive finite float"),
+])
+def test_bad_layerwise_options_name_the_argument(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        LowRankAdamW(TwoLayer().groups(), **kwargs)

@@ -53,6 +53,31 @@ With float32 weights, wd = 0, ε = 0, ``projector="exact"`` and ``moments="keep"
 equal galore-torch's to float32 rounding: 5e-7 relative after 10 steps with refreshes at steps
 0, 4 and 8, on both sides (tests/test_lowrank_adamw.py asserts 1e-5).
 
+Layerwise mode (``layerwise=True``; galore-torch's layerwise recipe refuses accumulation). Each
+param's post-accumulate-grad hook folds its gradient into the step's gradient and frees
+``.grad`` at once, so no model-sized gradient exists: a projected param keeps only R (r-sized),
+summed over the ``accumulation_steps`` micro-batches -- exact, since projection is linear and P
+is fixed within a step. A plain param's ``.grad`` accumulates as usual and is consumed at the
+last micro-batch. On the last micro-batch the hook steps the param, unless ``max_grad_norm`` is
+set: clipping needs every param's gradient first, so the hooks then hold the step gradients
+(r-sized for projected params) and ``step()`` clips and steps them all. ``step()`` and
+``zero_grad()`` are called as usual, once per ``accumulation_steps`` backward passes (a Hugging
+Face Trainer with the same ``gradient_accumulation_steps`` does), so an LR scheduler steps once.
+A refresh takes its projector from the *first* micro-batch's gradient: refreshing from the
+summed gradient would hold a dense float32 accumulator for every projected param on refresh
+steps, and that peak is what layerwise mode removes; GaLore's own refresh reads one batch.
+With ``accumulation_steps=1`` the two modes step identically; with more, they differ only at
+refreshes (tests/test_lowrank_adamw.py checks both). A checkpoint between steps holds no
+pending gradient.
+
+Gradient norm and clipping, in both modes: ``last_grad_norm`` (a float32 tensor; None before the
+first step) is the L2 norm over the step gradients the moments see -- R for projected params,
+the dense gradient for plain ones. ‖R‖ ≤ ‖G‖, so this is the norm of what Adam is fed, not of
+the dense gradient, which layerwise mode never holds summed. ``max_grad_norm`` scales the step
+gradients by min(1, max_grad_norm / (norm + 1e-6)), torch's ``clip_grad_norm_`` rule. In layerwise
+mode torch's ``clip_grad_norm_`` (and a Trainer's ``max_grad_norm``) see no gradients: pass
+``max_grad_norm`` here.
+
 ``state_dict()`` holds tensors and plain values only -- projectors are float32 tensors, the
 side a string -- so ``torch.load(weights_only=True)`` reads it, and a resumed run is bit-exact
 with an uninterrupted one, refreshes included.
@@ -61,6 +86,7 @@ with an uninterrupted one, refreshes included.
 import math
 import numbers
 import warnings
+import weakref
 
 import torch
 
@@ -147,20 +173,40 @@ class LowRankAdamW(torch.optim.Optimizer):
         projector: "randomized" (range finder, warm-started) | "exact" (full SVD).
         oversample, power_iters: the range finder's extra test vectors and subspace iterations.
         moments: "keep" | "reset" | "project": what a refresh does to the moments.
+        layerwise: step each param from its post-accumulate-grad hook and free its gradient there.
+        accumulation_steps: micro-batches per step in layerwise mode (backward passes per step()).
+        max_grad_norm: clip the step gradients' global norm (see ``last_grad_norm``); None: no clipping.
         backend: "torch" | "cpu" | "triton" | "cuda" | None (automatic; see sparseft._backends).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, update_proj_gap=200,
                  scale=0.25, proj_type="std", projector="randomized", oversample=8, power_iters=2, moments="keep",
-                 backend=None):
+                 layerwise=False, accumulation_steps=1, max_grad_norm=None, backend=None):
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"backend: expected one of {_backends.BACKENDS} or None, got {backend!r}")
+        if not isinstance(layerwise, bool):
+            raise TypeError(f"layerwise: expected a bool, got {layerwise!r}")
+        if not _is_int(accumulation_steps, 1):
+            raise ValueError(f"accumulation_steps: expected a positive int, got {accumulation_steps!r}")
+        if accumulation_steps > 1 and not layerwise:
+            raise ValueError("accumulation_steps: only layerwise=True accumulates inside the optimizer; without it, "
+                             "backward accumulates .grad as usual and step() follows the last micro-batch")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real) and max_grad_norm > 0
+                                              and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm: expected a positive finite float or None, got {max_grad_norm!r}")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, oversample=oversample, power_iters=power_iters, moments=moments)
         _check_options({**defaults, "rank": 1}, "")  # any rank: the projection defaults are checked too
         self.backend = backend
+        self.layerwise = layerwise
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm = None
         self._warned_refresh = False
+        self._hooks = []
+        self._pending = {}  # layerwise: param -> [summed step gradient or None, micro-batches seen]
+        self._hooked_norm_sq = None  # layerwise without clipping: Σ‖step gradient‖² of the params stepped in hooks
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- construction
@@ -177,9 +223,23 @@ class LowRankAdamW(torch.optim.Optimizer):
             if len(devices) > 1:
                 raise ValueError(f"param_groups[{index}]: params: all params of a group must be on one device, "
                                  f"got {sorted(map(str, devices))}")
+            if self.layerwise:
+                for i, p in enumerate(group["params"]):
+                    _check_unhooked(p, self._name(group, i, start + i))
         except Exception:
             self.param_groups.pop()
             raise
+        if self.layerwise:
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(
+                        _layerwise_hook(weakref.ref(self), group, i, start + i)))
+
+    def remove_hooks(self):
+        """Detach the layerwise hooks: backward then leaves gradients in ``.grad`` again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     @staticmethod
     def _name(group, i, position):
@@ -201,15 +261,104 @@ class LowRankAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            self._finish_layerwise_step()
+            return loss
         work = [(group, i, position, p) for group, i, position, p in self._params() if p.grad is not None]
         for group, i, position, p in work:  # every gradient is checked before any state changes
             self._check_grad(group, p, self._name(group, i, position))
-        for group, _, position, p in work:
-            if _projected(group, p):
-                self._step_projected(group, position, p)
-            else:
-                self._step_plain(group, p)
+        self._apply_all([(group, p, self._step_gradient(group, position, p, p.grad)) for group, _, position, p in work])
         return loss
+
+    def _step_gradient(self, group, position, p, grad, may_refresh=True):
+        """The float32 gradient the Adam update of ``p`` sees: R = the projection of ``grad``
+        (refreshing P from ``grad`` first when one is due and allowed) or, for a plain param, ``grad``."""
+        if not _projected(group, p):
+            return grad.float()
+        state = self.state[p]
+        if not state:
+            _, side = _projector_shape(group, p.shape)
+            state.update(dict.fromkeys(_COUNTERS, 0), side=side)
+        grad = grad.float()
+        if may_refresh and state["step"] % group["update_proj_gap"] == 0:
+            self._refresh(group, position, state, grad)
+        projector = state["projector"]
+        return grad @ projector if state["side"] == "right" else projector.T @ grad
+
+    def _apply_all(self, work):
+        """Adam steps for (group, param, step gradient) triples, clipped to ``max_grad_norm``."""
+        if not work:
+            self.last_grad_norm = None
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, _, g in work]))
+        self.last_grad_norm = norm
+        coef = None
+        if self.max_grad_norm is not None:  # torch.nn.utils.clip_grad_norm_'s rule
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for group, p, grad in work:
+            self._apply(group, p, grad if coef is None else grad * coef)
+
+    def _apply(self, group, p, grad):
+        """One AdamW step of ``p`` on its float32 step gradient (projected or plain)."""
+        lr, beta1, beta2 = self._hyper(group)
+        state = self.state[p]
+        projected = _projected(group, p)
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+            state.setdefault("step", 0)
+        state["step"] += 1
+        if projected:
+            state["moment_step"] += 1
+        c1, c2 = bias_corrections(beta1, beta2, state["moment_step" if projected else "step"])
+        direction = torch.empty_like(grad)
+        lowrank_adam_direction(grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1,
+                               beta2=beta2, c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
+        if projected:
+            lowrank_weight_update(p, direction, state["projector"], side=state["side"], lr=lr, scale=group["scale"],
+                                  weight_decay=group["weight_decay"], backend=self.backend)
+            return
+        decay = 1.0 - lr * group["weight_decay"]
+        if p.dtype == torch.float32:
+            p.mul_(decay).add_(direction, alpha=-lr)
+        else:  # float32 math, one rounding
+            p.copy_(p.float().mul_(decay).add_(direction, alpha=-lr))
+
+    # ----------------------------------------------------------------- layerwise mode
+    def _accumulate(self, group, i, position, p):
+        """The layerwise hook's work: fold ``p.grad`` into this step's gradient and free it; on
+        the last micro-batch, step ``p`` now (or, with clipping, leave it to step())."""
+        self._check_grad(group, p, self._name(group, i, position))
+        pending = self._pending.setdefault(p, [None, 0, group, self._name(group, i, position)])
+        if _projected(group, p):  # the projection of the micro-batch's gradient: exact, P is fixed within a step
+            projected = self._step_gradient(group, position, p, p.grad, may_refresh=pending[1] == 0)
+            pending[0] = projected if pending[0] is None else pending[0].add_(projected)
+            p.grad = None
+        pending[1] += 1
+        if pending[1] < self.accumulation_steps:
+            return  # a plain param's .grad keeps accumulating in place until the last micro-batch
+        if not _projected(group, p):
+            pending[0] = p.grad.float()
+            p.grad = None
+        if self.max_grad_norm is not None:
+            return
+        del self._pending[p]
+        norm_sq = torch.linalg.vector_norm(pending[0]).square()
+        self._hooked_norm_sq = norm_sq if self._hooked_norm_sq is None else self._hooked_norm_sq + norm_sq
+        self._apply(group, p, pending[0])
+
+    def _finish_layerwise_step(self):
+        short = [(name, count) for _, count, _, name in self._pending.values() if count != self.accumulation_steps]
+        if short:
+            raise RuntimeError(f"step() after {short[0][1]} of accumulation_steps={self.accumulation_steps} "
+                               f"micro-batches of {short[0][0]} ({len(short)} params short); call step() once per "
+                               "accumulation_steps backward passes")
+        if self.max_grad_norm is not None:
+            work = [(group, p, grad) for p, (grad, _, group, _) in self._pending.items()]
+            self._pending.clear()
+            self._apply_all(work)
+            return
+        self.last_grad_norm = None if self._hooked_norm_sq is None else self._hooked_norm_sq.sqrt()
+        self._hooked_norm_sq = None
 
     def _check_grad(self, group, p, name):
         grad = p.grad
@@ -240,46 +389,6 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _hyper(self, group):
         lr = group["lr"]
         return (float(lr) if isinstance(lr, torch.Tensor) else lr), *group["betas"]
-
-    def _step_plain(self, group, p):
-        lr, beta1, beta2 = self._hyper(group)
-        state = self.state[p]
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
-        state["step"] += 1
-        c1, c2 = bias_corrections(beta1, beta2, state["step"])
-        grad = p.grad.float().contiguous()
-        direction = torch.empty_like(state["exp_avg"])
-        lowrank_adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1, beta2=beta2,
-                               c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
-        decay = 1.0 - lr * group["weight_decay"]
-        if p.dtype == torch.float32:
-            p.mul_(decay).add_(direction, alpha=-lr)
-        else:  # float32 math, one rounding
-            p.copy_(p.float().mul_(decay).add_(direction, alpha=-lr))
-
-    def _step_projected(self, group, position, p):
-        lr, beta1, beta2 = self._hyper(group)
-        state = self.state[p]
-        if not state:
-            _, side = _projector_shape(group, p.shape)
-            state.update(dict.fromkeys(_COUNTERS, 0), side=side)
-        grad = p.grad.float()
-        if state["step"] % group["update_proj_gap"] == 0:
-            self._refresh(group, position, state, grad)
-        projector, side = state["projector"], state["side"]
-        projected = grad @ projector if side == "right" else projector.T @ grad
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(projected), torch.zeros_like(projected)
-        state["step"] += 1
-        state["moment_step"] += 1
-        c1, c2 = bias_corrections(beta1, beta2, state["moment_step"])
-        direction = torch.empty_like(projected)
-        lowrank_adam_direction(projected, state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1,
-                               beta2=beta2, c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
-        lowrank_weight_update(p, direction, projector, side=side, lr=lr, scale=group["scale"],
-                              weight_decay=group["weight_decay"], backend=self.backend)
 
     # ----------------------------------------------------------------- projector refresh
     def _refresh(self, group, position, state, grad):
@@ -422,3 +531,20 @@ def lowrank_param_groups(model, rank=128, targets="all-linear", include=None, **
     if plain:
         groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
     return groups
+
+
+def _check_unhooked(p, name):
+    """Layerwise stepping owns a param's post-accumulate-grad hook: a second owner (another
+    layerwise optimizer, galore's layerwise recipe) would step it twice or on freed gradients."""
+    if getattr(p, "_post_accumulate_grad_hooks", None):
+        raise ValueError(f"{name}: already has a post-accumulate-grad hook (another layerwise optimizer?); "
+                         "layerwise=True steps each param from its own hook, so a param can have one owner")
+
+
+def _layerwise_hook(optimizer_ref, group, i, position):
+    def hook(p):
+        optimizer = optimizer_ref()
+        if optimizer is not None:
+            with torch.no_grad():
+                optimizer._accumulate(group, i, position, p)
+    return hook
