@@ -1,6 +1,7 @@
 """Optimizers for sparse and memory-efficient fine-tuning."""
 
 from sparseft.optim.lowrank_adamw import LowRankAdamW, lowrank_param_groups
+from sparseft.optim.sara import NuclearNormPenalty, sara_reselect
 from sparseft.optim.sparse_adamw import SparseAdamW
 
-__all__ = ["LowRankAdamW", "SparseAdamW", "lowrank_param_groups"]
+__all__ = ["LowRankAdamW", "NuclearNormPenalty", "SparseAdamW", "lowrank_param_groups", "sara_reselect"]
