@@ -250,7 +250,8 @@ def sara_reselect(model, optimizer, threshold=None, fraction=None, penalty=None)
     The masks replace the old ones, as in the reference (which re-selects once, at step 2501):
     entries that grew past the threshold are frozen with what they learned. Untrained entries
     never change, so with ``threshold`` the new mask is the part of the old one still below it;
-    with ``fraction`` the count is kept and freed slots go to the smallest frozen entries.
+    with the ``fraction`` of the first selection the count is kept and freed slots go to the
+    smallest frozen entries.
     Returns the new MaskSet."""
     if not hasattr(optimizer, "update_masks"):
         raise TypeError(f"optimizer: expected a SparseAdamW (with update_masks), got {type(optimizer).__name__}")
