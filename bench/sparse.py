@@ -89,7 +89,8 @@ def _dense_adamw(params, lr):
 
 
 def _setup(variant, model, masks, lr=1e-5):
-    """(optimizer, its name, trainable element count) for one variant; freezes what it does not train."""
+    """{"optimizer", "name": its name, "trainable": element count} for one variant; freezes what
+    it does not train. (A setup may add "before_step": a call made before every step.)"""
     import sparseft
     from sparseft.optim import SparseAdamW
     if variant == "full_ft":
@@ -97,16 +98,17 @@ def _setup(variant, model, masks, lr=1e-5):
         for p in params:
             p.requires_grad_(True)
         optimizer, name = _dense_adamw(params, lr)
-        return optimizer, name, sum(p.numel() for p in params)
+        return {"optimizer": optimizer, "name": name, "trainable": sum(p.numel() for p in params)}
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = sum(m.numel() for m in masks.values())
     if variant == "dense_masked":
         named = [(n, p.requires_grad_(True)) for n, p in model.named_parameters() if n in masks]
-        return SparseAdamW(named, masks=dict(masks), lr=lr), "SparseAdamW(dense grad)", trainable
+        return {"optimizer": SparseAdamW(named, masks=dict(masks), lr=lr), "name": "SparseAdamW(dense grad)",
+                "trainable": trainable}
     sparseft.sparsify(model, masks)
     values = [p for p in model.parameters() if p.requires_grad]
-    return SparseAdamW(values, lr=lr), "SparseAdamW(compact grad)", trainable
+    return {"optimizer": SparseAdamW(values, lr=lr), "name": "SparseAdamW(compact grad)", "trainable": trainable}
 
 
 def _state_bytes(optimizer):
@@ -114,7 +116,10 @@ def _state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
-def run_step_case(variant, batch, seq, dtype, device, repeats, warmup, masks_path, loss_kind, checkpointing=False):
+def run_step_case(variant, batch, seq, dtype, device, repeats, warmup, masks_path, loss_kind, checkpointing=False,
+                  setup=_setup):
+    """One variant's training step in this process: median seconds, peak memory, state bytes,
+    the first (warm-up) step's seconds and the losses. ``setup`` builds the variant (see _setup)."""
     start = time.perf_counter()
     model = load_model(device, dtype)
     if checkpointing:  # keeps one hidden state per block, so gradients and state dominate the peak
@@ -128,23 +133,29 @@ def run_step_case(variant, batch, seq, dtype, device, repeats, warmup, masks_pat
     # steady-state peak of the timed steps above the loaded model: state, grads, masks included.
     with PeakMemory(device) as total:
         masks = None
-        if variant != "full_ft":
+        if masks_path and variant != "full_ft":
             from sparseft.masks import MaskSet
             masks = MaskSet.load(masks_path, device=str(device))
-        optimizer, optimizer_name, trainable = _setup(variant, model, masks)
-        losses = []
+        built = setup(variant, model, masks)
+        optimizer, before_step = built["optimizer"], built.get("before_step")
+        losses, first_step_s = [], []
 
         def step():
+            start = time.perf_counter()
+            if before_step is not None:
+                before_step()
             loss = loss_of(model, ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
+            if not first_step_s:
+                first_step_s.append(time.perf_counter() - start)
 
         seconds, step_peak = time_and_memory(step, device, repeats, warmup=warmup)
-    return {"variant": variant, "optimizer": optimizer_name, "step_s": seconds, "peak_bytes": total.peak_bytes,
-            "step_peak_bytes": step_peak, "state_bytes": _state_bytes(optimizer), "trainable": trainable,
-            "load_s": load_s, "losses": [float(x) for x in losses]}
+    return {"variant": variant, "optimizer": built["name"], "step_s": seconds, "peak_bytes": total.peak_bytes,
+            "step_peak_bytes": step_peak, "state_bytes": _state_bytes(optimizer), "trainable": built["trainable"],
+            "first_step_s": first_step_s[0], "load_s": load_s, "losses": [float(x) for x in losses]}
 
 
 def run_select_case(rank, density, device, masks_out):

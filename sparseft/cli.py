@@ -1,4 +1,4 @@
-"""The `sparseft` command: `sparseft info` and `sparseft bench [ce|sparse]`."""
+"""The `sparseft` command: `sparseft info` and `sparseft bench [ce|sparse|lowrank]`."""
 
 import argparse
 import json
@@ -52,6 +52,17 @@ def _bench_sparse(args):
     return sparse.main_rows(args, progress=_progress)
 
 
+def _bench_lowrank(args):
+    from sparseft.bench import lowrank
+    options = lowrank._parser().parse_args(["--parts", args.parts, "--device", args.device, "--repeats",
+                                            str(args.repeats), "--batch", str(args.batch), "--seq", str(args.seq)])
+    rows = lowrank.main_rows(options, progress=_progress)
+    if args.png and args.what == "lowrank" and "curves" in options.parts.split(","):
+        lowrank.plot(rows, args.png)
+        print(f"plot written to {args.png}")
+    return rows
+
+
 def _bench(args):
     from sparseft.bench.measure import device_name
     results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "device": device_name(args.device),
@@ -68,6 +79,8 @@ def _bench(args):
         save("ce", _bench_ce(args, lambda rows: save("ce", rows)))
     if args.what in ("sparse", "all"):
         save("sparse", _bench_sparse(args))
+    if args.what in ("lowrank", "all"):
+        save("lowrank", _bench_lowrank(args))
     if args.json:
         print(f"results written to {args.json}")
     return 0
@@ -78,7 +91,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends available here, and why not").set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks against the peers (time and peak memory)")
-    bench.add_argument("what", nargs="?", default="all", choices=["ce", "sparse", "all"])
+    bench.add_argument("what", nargs="?", default="all", choices=["ce", "sparse", "lowrank", "all"])
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     bench.add_argument("--shapes", default="smollm2", help="ce: comma list of smollm2,llama3")
@@ -86,7 +99,9 @@ def main(argv=None):
     bench.add_argument("--cases", default=None, help="ce: comma list of cases (default: all that run here)")
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--json", default="sparseft-bench.json", help="where to write the results")
-    bench.add_argument("--png", default=None, help="ce: draw time and memory against tokens")
+    bench.add_argument("--png", default=None, help="ce: time and memory against tokens; lowrank: the loss curves")
+    bench.add_argument("--parts", default="refresh,step,model",
+                       help="lowrank: comma list of refresh,step,model,curves (curves: ~1000 CPU training steps)")
     bench.add_argument("--full", action="store_true", help="sparse: both weight shapes at 1, 5 and 20%% density")
     bench.add_argument("--batch", type=int, default=4, help="sparse: SmolLM2 step batch size")
     bench.add_argument("--seq", type=int, default=128, help="sparse: SmolLM2 step sequence length")

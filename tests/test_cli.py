@@ -26,3 +26,17 @@ def test_bench_ce_writes_results(tmp_path):
                          ("sparseft", 0.5)}
     assert all("error" not in r and r["seconds"] > 0 for r in rows.values())
     assert "sparseft" in proc.stdout and results["device"]
+
+
+def test_bench_lowrank_tiny_compares_with_galore(tmp_path):
+    out = tmp_path / "lowrank.json"
+    proc = subprocess.run([sys.executable, "-m", "sparseft.bench.lowrank", "--tiny", "--repeats", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    refresh = [r for r in rows if r["bench"] == "refresh"]
+    assert refresh[0]["method"].startswith("galore-torch") and len(refresh) == 5
+    assert all(0.8 < r["overlap"] <= 1 + 1e-6 and r["seconds"] > 0 for r in refresh)
+    steps = [r for r in rows if r["bench"] == "step"]
+    assert len(steps) == 2 and all(r["galore_s"] > 0 and r["sparseft_s"] > 0 for r in steps)
+    assert "x galore" in proc.stdout
