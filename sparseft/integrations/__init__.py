@@ -1,7 +1,7 @@
 """Integrations with training frameworks. Each submodule imports its framework on first
 use, so ``import sparseft.integrations`` costs nothing when the framework is absent."""
 
-__all__ = ["FusedLossTrainer", "fused_causal_lm_loss"]
+__all__ = ["FusedLossTrainer", "OwLoreCallback", "fused_causal_lm_loss"]
 
 
 def __getattr__(name):

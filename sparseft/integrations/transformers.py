@@ -4,6 +4,7 @@ cross-entropy, with the ``loss_weights`` of :mod:`sparseft.data` collators.
 ``fused_causal_lm_loss(model, inputs)`` scores the decoder's last hidden state against the
 output head's weight without materialising the [tokens, vocab] logits.
 ``FusedLossTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` uses it.
+``OwLoreCallback`` drives a ``sparseft.optim.OwLoreSampler`` from the Trainer's step count.
 
 Normalisation in FusedLossTrainer: one optimizer step minimises
 ``sum_t w_t·ce_t / sum_t w_t`` over the target tokens t (labels != -100, after the causal
@@ -24,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparseft.ops import linear_cross_entropy
 
-__all__ = ["FusedLossTrainer", "fused_causal_lm_loss"]
+__all__ = ["FusedLossTrainer", "OwLoreCallback", "fused_causal_lm_loss"]
 
 IGNORE_INDEX = -100  # the Trainer's token count and linear_cross_entropy's default
 _LOSS_OPTIONS = ("z_loss", "label_smoothing", "backend")
@@ -232,3 +233,16 @@ class FusedLossTrainer(transformers.Trainer):
             # The normaliser counts every process's tokens while DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+
+class OwLoreCallback(transformers.TrainerCallback):
+    """Activates the blocks an OwLoreSampler draws for each optimizer step, from
+    ``state.global_step`` (so a resumed Trainer re-derives the active blocks), and frees the
+    optimizer state of the blocks it deactivates. Nothing is frozen before the first step, so
+    the optimizer the Trainer creates holds every block's parameters."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.sampler.activate(state.global_step, optimizer)
