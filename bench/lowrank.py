@@ -285,7 +285,7 @@ def curve_rows(variants, steps, batch, seq, lr, gap, progress):
         progress(f"loss curve: {variant}, {steps} steps of batch {batch} x seq {seq}, lr {lr} ...")
         result = run_in_subprocess("sparseft.bench.lowrank", [
             "--case", f"curve:{variant}", "--steps", str(steps), "--curve-batch", str(batch), "--curve-seq", str(seq),
-            "--lr", str(lr), "--gap", str(gap)], timeout=4 * 3600)
+            "--lr", str(lr), "--gap", str(gap)], timeout=4 * 3600, measures_memory=False)
         rows.append(dict(bench="curve", batch=batch, seq=seq, **result, variant=variant))
         if "error" not in result:
             progress(f"      final loss (mean of the last 10) {statistics.mean(result['losses'][-10:]):.3f}, "

@@ -85,9 +85,10 @@ def time_and_memory(step, device, repeats, warmup=1, reset=None):
     return statistics.median(times), peak.peak_bytes
 
 
-def run_in_subprocess(module, args, timeout=1800):
-    """Runs `python -m module *args` in a fresh process and returns the JSON it prints last."""
-    env = dict(os.environ, **CHILD_ENV)
+def run_in_subprocess(module, args, timeout=1800, measures_memory=True):
+    """Runs `python -m module *args` in a fresh process and returns the JSON it prints last.
+    measures_memory=False leaves malloc as it is (CHILD_ENV costs time in system calls)."""
+    env = dict(os.environ, **CHILD_ENV) if measures_memory else dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0:

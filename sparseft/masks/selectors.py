@@ -14,7 +14,7 @@ from sparseft.linalg import truncated_svd
 from sparseft.masks._kth_largest import abs_diff_float32, kth_largest_abs_diff
 from sparseft.masks._validate import mask_dtype
 from sparseft.masks.maskset import MaskSet
-from sparseft.masks.targets import named_tensors, select_targets
+from sparseft.masks.targets import block_index, named_tensors, select_targets
 
 
 def _check_fraction(value, argument):
@@ -224,9 +224,6 @@ def gradient(model, batches, density, loss_fn=None, targets="all-linear", includ
     return _maskset(masks, tensors, "gradient", density=density, targets=targets, include=include)
 
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-
-
 def half(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_proj"),
          mlp=("gate_proj", "up_proj", "down_proj")):
     """Half Fine-Tuning: train half of the weight matrices of each transformer block.
@@ -241,13 +238,13 @@ def half(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_pro
     tensors = named_tensors(model)
     groups = {"attention": {}, "mlp": {}}  # group -> {block index -> [names]}
     for name in tensors:
-        block = _BLOCK.search(name)
+        block = block_index(name)
         parts = name.split(".")
         if block is None or parts[-1] != "weight" or len(parts) < 2:
             continue
         for group, members in (("attention", attention), ("mlp", mlp)):
             if parts[-2] in members:
-                groups[group].setdefault(int(block.group(1)), []).append(name)
+                groups[group].setdefault(block, []).append(name)
     if not any(groups.values()):
         raise ValueError("half: found no attention or MLP matrices inside numbered transformer blocks")
     generator = torch.Generator().manual_seed(_seed_for("half", seed, stage))

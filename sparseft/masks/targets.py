@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 CATEGORIES = ("embeddings", "head", "norms", "biases")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # Llama/Mistral, GPT-2, others
 
 # Used for state dicts, where no module types are known.
 _NAME_RULES = (
@@ -20,6 +21,12 @@ _NAME_RULES = (
     ("head", re.compile(r"(^|\.)(lm_head|output|head)\.weight$")),
     ("biases", re.compile(r"(^|\.)bias$")),
 )
+
+
+def block_index(name):
+    """The transformer block a parameter name lies in (``layers.N.``, ``h.N.`` or ``blocks.N.``), or None."""
+    match = _BLOCK.search(name)
+    return None if match is None else int(match.group(1))
 
 
 def compile_patterns(patterns, argument):

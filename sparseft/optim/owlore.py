@@ -44,18 +44,16 @@ import hashlib
 import itertools
 import math
 import numbers
-import re
 from collections.abc import Mapping
 
 import torch
 
-from sparseft.masks.targets import compile_patterns, select_targets
+from sparseft.masks.targets import block_index, compile_patterns, select_targets
 from sparseft.optim.sparse_adamw import SparseAdamW
 
 __all__ = ["DEFAULT_THRESHOLD", "OwLoreSampler", "block_parameters", "outlier_ratios"]
 
 DEFAULT_THRESHOLD = 13.0
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -64,18 +62,13 @@ def block_parameters(model):
     ``blocks.N.``, in the model's order; ValueError when there are none."""
     blocks = {}
     for name, param in model.named_parameters():
-        block = _block_of(name)
+        block = block_index(name)
         if block is not None:
             blocks.setdefault(block, []).append((name, param))
     if not blocks:
         raise ValueError("model: no transformer blocks found (parameter names with 'layers.N.', 'h.N.' or "
                          "'blocks.N.')")
     return dict(sorted(blocks.items()))
-
-
-def _block_of(name):
-    match = _BLOCK.search(name)
-    return None if match is None else int(match.group(1))
 
 
 # ----------------------------------------------------------------------------- outlier ratios
@@ -105,7 +98,7 @@ def _block_linears(model, blocks, targets, include):
     for name in select_targets(model, targets, include):
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else None
-        block = _block_of(name)
+        block = block_index(name)
         if leaf != "weight" or not _is_linear(module) or block is None:
             misplaced.append(name)
         else:
