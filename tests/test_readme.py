@@ -36,9 +36,14 @@ def python_blocks():
 def llama(seed=0):
     # Wide enough that masks.lift(rank=128, budget="lora") selects a proper subset of each weight.
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+    # Three blocks, so OwLore's sampler has blocks to leave frozen.
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
-    return transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # outlier input features, as pretrained LLMs have (OwLore's ratios count them)
+        for block, layer in enumerate(model.model.layers):
+            layer.self_attn.q_proj.weight[:, : block + 1] *= 40
+    return model
 
 
 def stand_ins(tmp_path):
@@ -57,6 +62,7 @@ def stand_ins(tmp_path):
         ids_p=[5, 6, 7], ids_t=[8, 9], ids_a=[10, 11, 12],
         model=llama(), other_model=llama(),
         data=[{"input_ids": s, "labels": s} for s in sequences],
+        calibration=[sequences[:4], sequences[4:]],
         collate=transformers.default_data_collator,
         args=transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2,
                                             per_device_train_batch_size=4, save_strategy="no", report_to=[],
@@ -106,12 +112,34 @@ def check_lowrank_training(ns, before):
         assert not torch.equal(before[name], after[name]), f"{name} did not train"
 
 
+def check_layerwise_owlore(ns, before):
+    """Layerwise steps through the Trainer; only the sampled blocks (and the non-block params) moved."""
+    assert ns["trainer"].state.global_step == 2 and ns["optimizer"].last_grad_norm is not None
+    after, active = ns["model"].state_dict(), ns["sampler"].active_blocks
+    assert len(active) == 2
+    for block in range(3):
+        name = f"model.layers.{block}.mlp.up_proj.weight"
+        assert torch.equal(before[name], after[name]) == (block not in active), name
+    assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+
+
+def check_sara(ns, before):
+    """The penalty's subgradient reached the trainable values; only small entries moved."""
+    assert ns["penalty"].calls == 2
+    after = ns["model"].state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    moved = before[name] != after[name]
+    assert moved.any() and (before[name][moved].abs() < 2e-3).all()
+
+
 CHECKS = {
     "Fused masked-loss cross-entropy": check_loss,
     "With a Hugging Face Trainer": check_trainer,
     "Loss-weight collators": check_collated,
     "Sparse-mask gradient updates": check_sparse_training,
     "Low-rank gradient projection (GaLore-style)": check_lowrank_training,
+    "Layerwise steps with gradient accumulation, and OwLore layer sampling": check_layerwise_owlore,
+    "SaRA: small weights, a nuclear-norm term, progressive re-selection": check_sara,
 }
 BLOCKS = python_blocks()
 

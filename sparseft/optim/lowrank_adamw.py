@@ -62,7 +62,9 @@ last micro-batch. On the last micro-batch the hook steps the param, unless ``max
 set: clipping needs every param's gradient first, so the hooks then hold the step gradients
 (r-sized for projected params) and ``step()`` clips and steps them all. ``step()`` and
 ``zero_grad()`` are called as usual, once per ``accumulation_steps`` backward passes (a Hugging
-Face Trainer with the same ``gradient_accumulation_steps`` does), so an LR scheduler steps once.
+Face Trainer with the same ``gradient_accumulation_steps`` does), so an LR scheduler steps once;
+a ``step()`` after fewer backward passes (the Trainer's partial accumulation at an epoch's end)
+steps the sums so far, as the plain optimizer steps whatever ``.grad`` holds.
 A refresh takes its projector from the *first* micro-batch's gradient: refreshing from the
 summed gradient would hold a dense float32 accumulator for every projected param on refresh
 steps, and that peak is what layerwise mode removes; GaLore's own refresh reads one batch.
@@ -205,7 +207,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self.last_grad_norm = None
         self._warned_refresh = False
         self._hooks = []
-        self._pending = {}  # layerwise: param -> [summed step gradient or None, micro-batches seen]
+        self._pending = {}  # layerwise: the params with micro-batches not yet stepped (see _accumulate)
         self._hooked_norm_sq = None  # layerwise without clipping: Σ‖step gradient‖² of the params stepped in hooks
         super().__init__(params, defaults)
 
@@ -326,9 +328,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- layerwise mode
     def _accumulate(self, group, i, position, p):
         """The layerwise hook's work: fold ``p.grad`` into this step's gradient and free it; on
-        the last micro-batch, step ``p`` now (or, with clipping, leave it to step())."""
+        the last micro-batch, step ``p`` now (or, with clipping, leave it to step()).
+        ``_pending[p]`` = [summed step gradient or None, micro-batches seen, group]."""
         self._check_grad(group, p, self._name(group, i, position))
-        pending = self._pending.setdefault(p, [None, 0, group, self._name(group, i, position)])
+        pending = self._pending.setdefault(p, [None, 0, group])
         if _projected(group, p):  # the projection of the micro-batch's gradient: exact, P is fixed within a step
             projected = self._step_gradient(group, position, p, p.grad, may_refresh=pending[1] == 0)
             pending[0] = projected if pending[0] is None else pending[0].add_(projected)
@@ -337,26 +340,34 @@ class LowRankAdamW(torch.optim.Optimizer):
         if pending[1] < self.accumulation_steps:
             return  # a plain param's .grad keeps accumulating in place until the last micro-batch
         if not _projected(group, p):
-            pending[0] = p.grad.float()
-            p.grad = None
+            grad, p.grad = p.grad.float(), None
+            pending[0] = grad if pending[0] is None else pending[0].add_(grad)
         if self.max_grad_norm is not None:
             return
         del self._pending[p]
-        norm_sq = torch.linalg.vector_norm(pending[0]).square()
+        self._apply_counted(group, p, pending[0])
+
+    def _apply_counted(self, group, p, grad):
+        """_apply, adding the step gradient's squared norm to this step's (unclipped layerwise mode)."""
+        norm_sq = torch.linalg.vector_norm(grad).square()
         self._hooked_norm_sq = norm_sq if self._hooked_norm_sq is None else self._hooked_norm_sq + norm_sq
-        self._apply(group, p, pending[0])
+        self._apply(group, p, grad)
 
     def _finish_layerwise_step(self):
-        short = [(name, count) for _, count, _, name in self._pending.values() if count != self.accumulation_steps]
-        if short:
-            raise RuntimeError(f"step() after {short[0][1]} of accumulation_steps={self.accumulation_steps} "
-                               f"micro-batches of {short[0][0]} ({len(short)} params short); call step() once per "
-                               "accumulation_steps backward passes")
+        """step() in layerwise mode: steps what the hooks left pending -- every param when clipping,
+        else those short of ``accumulation_steps`` micro-batches (a Trainer steps after a partial
+        accumulation at an epoch's end) -- and publishes the step's gradient norm."""
+        work = []
+        for p, (grad, _, group) in self._pending.items():
+            if grad is None:  # a plain param short of its last micro-batch: .grad holds the sum so far
+                grad, p.grad = p.grad.float(), None
+            work.append((group, p, grad))
+        self._pending.clear()
         if self.max_grad_norm is not None:
-            work = [(group, p, grad) for p, (grad, _, group, _) in self._pending.items()]
-            self._pending.clear()
             self._apply_all(work)
             return
+        for group, p, grad in work:
+            self._apply_counted(group, p, grad)
         self.last_grad_norm = None if self._hooked_norm_sq is None else self._hooked_norm_sq.sqrt()
         self._hooked_norm_sq = None
 
