@@ -49,7 +49,6 @@ from collections.abc import Mapping
 import torch
 
 from sparseft.masks.targets import block_index, compile_patterns, select_targets
-from sparseft.optim.sparse_adamw import SparseAdamW
 
 __all__ = ["DEFAULT_THRESHOLD", "OwLoreSampler", "block_parameters", "outlier_ratios"]
 
@@ -280,7 +279,9 @@ def _release_state(optimizer, params):
     # accelerate's AcceleratedOptimizer (what the Trainer hands callbacks) wraps the real one.
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
+    release = getattr(optimizer, "release_state", None)  # an optimizer whose state outlives a freeze
+    if release is not None:
+        release(params)
+        return
     for p in params:
-        state = optimizer.state.pop(p, None)
-        if state and isinstance(optimizer, SparseAdamW):
-            optimizer.state[p] = {"indices": state["indices"]}
+        optimizer.state.pop(p, None)

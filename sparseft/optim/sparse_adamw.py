@@ -224,6 +224,14 @@ class SparseAdamW(torch.optim.Optimizer):
                 state[key] = state[key].to(target.device)
         return target, values, state
 
+    def release_state(self, params):
+        """Drop the moments and step counts of ``params`` (e.g. frozen by OwLore), keeping their
+        masks: a param that trains again restarts them as at its first step."""
+        for p in params:
+            state = self.state.get(p)
+            if state:
+                self.state[p] = {"indices": state["indices"]}
+
     # ----------------------------------------------------------------- mask refresh
     @torch.no_grad()
     def update_masks(self, new_masks):
