@@ -1,4 +1,4 @@
-"""The `sparseft` command: `sparseft info` and `sparseft bench [ce|sparse|lowrank]`."""
+"""The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank]` and `sparseft merge CONFIG.yaml OUT`."""
 
 import argparse
 import json
@@ -86,6 +86,26 @@ def _bench(args):
     return 0
 
 
+def _merge(args):
+    from sparseft.merge.config import ConfigError, merge_from_config
+    try:
+        out = merge_from_config(args.config, args.out, overwrite=args.force, device=args.device, backend=args.backend,
+                                progress=not args.quiet)
+    except (ConfigError, ValueError, FileExistsError, TypeError) as exc:
+        print(f"sparseft merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _merge_help():
+    from sparseft.merge import config
+    return ("Merge fine-tuned checkpoints as a mergekit YAML configuration describes (methods linear, "
+            "task_arithmetic, ties, dare_linear, dare_ties, consensus; per-layer list parameters; a `lines:` "
+            "block for LiNeS). Streams tensor by tensor, never downloads, and writes OUT atomically.\n\n"
+            "Example CONFIG.yaml:\n" + config.__doc__.split("\n\n", 1)[1].split("\nErrors")[0])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="sparseft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +135,15 @@ def main(argv=None):
     bench.add_argument("--crossover", action="store_true",
                        help="sparse: only the SparseLinear density sweep (sampled values gradient or dense GEMM)")
     bench.set_defaults(func=_bench)
+    merge = sub.add_parser("merge", help="merge fine-tunes from a mergekit-style YAML config",
+                           description=_merge_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("config", help="the YAML configuration (mergekit format, plus lines:)")
+    merge.add_argument("out", help="output directory (must not exist unless --force)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda)")
+    merge.add_argument("--backend", default=None, help="force a merge kernel backend (torch, cpu, triton, cuda)")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=_merge)
     args = parser.parse_args(argv)
     return args.func(args)
 
