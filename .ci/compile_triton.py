@@ -108,7 +108,7 @@ def _expect_params(fn, names):
 
 def _launch_everything():
     """Every Triton launch the ops can make, up to values that do not select code."""
-    from sparseft.kernels import lowrank_adam
+    from sparseft.kernels import lowrank_adam, merge
     from sparseft.ops import _ce_triton, sampled_grad
     from sparseft.optim import _sparse_adamw_backends as adamw
 
@@ -121,6 +121,8 @@ def _launch_everything():
                                        "lr beta1 beta2 eps weight_decay")
     _expect_params(lowrank_adam.adam_direction, "grad exp_avg exp_avg_sq out beta1 beta2 c1 c2 eps")
     _expect_params(lowrank_adam.lowrank_update, "weight direction projector side decay alpha")
+    _expect_params(merge.merge_tensor_triton, "base tuned weights thresholds keep_probs cutoffs seeds elect_sign "
+                                              "normalize consensus_lam consensus_k scale index_offset out")
 
     n, d, vocab = 4, 16, 32
     labels, scale, lse = torch.zeros(n, dtype=torch.int64), torch.ones(n), torch.zeros(n)
@@ -156,6 +158,26 @@ def _launch_everything():
             (torch.zeros(rank, n), torch.zeros(m, rank))
         with _tf32(tf32):
             lowrank_adam.lowrank_update(torch.zeros(m, n, dtype=dtype), *factors, side=side, decay=0.9, alpha=0.1)
+
+    # The merge selects code by the base, out and tuned dtypes (one tuned dtype, or mixed) and by
+    # four options (thresholds, DARE, elect_sign, consensus); normalize, the probabilities and T
+    # are runtime values. Every dtype combination with the options all off and all on, and every
+    # option combination with bfloat16 throughout and with mixed tuned dtypes.
+    numel = 64
+    tuned_sets = [[torch.zeros(numel, dtype=d)] * 2 for d in FLOATS] + [[torch.zeros(numel, dtype=d) for d in FLOATS]]
+
+    def merge_launch(base_dtype, out_dtype, tuned, options):
+        thresh, dare, elect, consensus = options
+        T = len(tuned)
+        merge.merge_tensor_triton(torch.zeros(numel, dtype=base_dtype), tuned, [0.5] * T, [0.1] * T if thresh else [],
+                                  [0.9] * T if dare else [], [15099494] * T if dare else [], [7] * T if dare else [],
+                                  elect, True, 0.5, 2 if consensus else 0, 0.7, 4096,
+                                  torch.zeros(numel, dtype=out_dtype))
+
+    for base_dtype, out_dtype, tuned, options in product(FLOATS, FLOATS, tuned_sets, ((False,) * 4, (True,) * 4)):
+        merge_launch(base_dtype, out_dtype, tuned, options)
+    for tuned, options in product(tuned_sets[1:], product(BOOLS, repeat=4)):
+        merge_launch(torch.bfloat16, torch.bfloat16, tuned, options)
 
 
 class Job(NamedTuple):
