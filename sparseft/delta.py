@@ -251,6 +251,13 @@ class SparseDelta:
             values[name], shapes[name] = summed, shape
         return SparseDelta(indices, values, shapes, {"composed_of": [d.metadata for d in deltas]})
 
+    def scaled(self, lines, num_layers=None):
+        """A new SparseDelta with LiNeS layer scaling, still sparse: values of a tensor in block ℓ
+        times λ(ℓ) = α + β·(ℓ−1)/(L−1), outside the blocks α. lines=(α, β) or {alpha, beta,
+        overrides}; L = num_layers, else the largest block index touched + 1 (sparseft.merge.deltas)."""
+        from sparseft.merge.deltas import scale_delta
+        return scale_delta(self, lines, num_layers)
+
     def __add__(self, other):
         if not isinstance(other, SparseDelta):
             return NotImplemented

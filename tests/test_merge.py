@@ -475,3 +475,54 @@ def test_yaml_errors_name_key_and_line(checkpoints, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "line 1" in result.stderr and "merge_method" in result.stderr
     _assert_clean(tmp_path, "o")
+
+
+# ------------------------------------------------------------------------------------------------
+# SparseDelta merges on the compact form
+
+
+def _random_delta(base, density, seed):
+    from sparseft import SparseDelta
+    g = torch.Generator().manual_seed(seed)
+    indices, values, shapes = {}, {}, {}
+    for name, t in base.items():
+        if t.dim() != 2:
+            continue
+        k = max(1, int(density * t.numel()))
+        idx = torch.randperm(t.numel(), generator=g)[:k].sort().values
+        indices[name] = idx.to(torch.int32)
+        values[name] = _distinct_noise(torch.empty(k), g, 0.03).float()
+        shapes[name] = tuple(t.shape)
+    return SparseDelta(indices, values, shapes)
+
+
+@pytest.mark.parametrize("method,kwargs", [("task_arithmetic", dict(weights=[0.7, 0.4])),
+                                           ("ties", dict(density=[0.05, 0.08])),
+                                           ("consensus", dict(consensus_k=1))])
+def test_sparse_delta_merge_equals_dense(checkpoints, tmp_path, method, kwargs):
+    base, _ = _inputs(checkpoints)
+    deltas = [_random_delta(base, 0.1, 1), _random_delta(base, 0.1, 2)]
+    deltas[1].save(tmp_path / "d1.safetensors")
+    merged = merge.merge_deltas([deltas[0], str(tmp_path / "d1.safetensors")], method, lines=(0.5, 0.5),
+                                num_layers=LAYERS, **kwargs)
+    assert merged.nnz <= deltas[0].nnz + deltas[1].nnz
+    # the same merge, dense: base + delta_t as full models (SparseDelta inputs of merge.merge)
+    dense = merge.merge(base, [deltas[0], str(tmp_path / "d1.safetensors")], method, lines=(0.5, 0.5),
+                        num_layers=LAYERS, **kwargs)
+    applied = {n: t.clone() for n, t in base.items()}
+    merged.apply(applied)
+    for name in base:
+        torch.testing.assert_close(applied[name], dense[name], atol=2e-6, rtol=1e-5, msg=name)
+    merged.save(tmp_path / "m.safetensors")
+    assert type(merged).load(tmp_path / "m.safetensors").nnz == merged.nnz
+
+
+def test_sparse_delta_scaled(checkpoints):
+    base, _ = _inputs(checkpoints)
+    delta = _random_delta(base, 0.1, 3)
+    scaled = delta.scaled(lines=(0.2, 0.8), num_layers=LAYERS)
+    sched = LinesSchedule(0.2, 0.8, LAYERS)
+    for name in delta.shapes:
+        assert torch.equal(scaled.indices[name], delta.indices[name])
+        torch.testing.assert_close(scaled.values[name], delta.values[name] * sched(name))
+    assert scaled.nnz == delta.nnz

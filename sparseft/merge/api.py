@@ -107,21 +107,24 @@ class _Plan:
         dtype = base.meta[name][1]
         return self.dtype if (self.dtype is not None and dtype.is_floating_point) else dtype
 
-    def thresholds(self, name, t, base_t, tuned, densities):
+    def thresholds(self, name, t, base_t, tuned, densities, numel=None):
         if self.method.trim != "magnitude":
             return None
         if self.trim == "global":
             return self.global_thresholds
         key = name
         if key not in self._thresholds:
+            # k over the full tensor (numel: a compact SparseDelta vector stands for a larger tensor
+            # whose other entries are 0, so its top-k is the dense one while k < len(vector))
+            numel = numel or base_t.numel()
             result = []
             for x, d in zip(tuned, densities):
-                k = max(1, int(d * base_t.numel()))
+                k = max(1, int(d * numel))
                 result.append(None if d >= 1 or k >= base_t.numel() else float(kth_largest_abs_diff([(x, base_t)], k)[0]))
             self._thresholds[key] = result
         return self._thresholds[key]
 
-    def merge_one(self, name, base_t, tuned, lines_scale=1.0, out_dtype=None):
+    def merge_one(self, name, base_t, tuned, lines_scale=1.0, out_dtype=None, numel=None):
         t = layer_t(name, self.layers)
         weights = [evaluate_setting(w, name, t) for w in self.weights]
         densities = [evaluate_setting(d, name, t) for d in self.density]
@@ -136,7 +139,7 @@ class _Plan:
             seeds = [_op.task_seed(self.seed, name, i) for i in range(len(tuned))]
             if not self.rescale:  # d_t = w_t k_t τ_t / p_t; w_t·p_t undoes the rescale
                 weights = [w * p for w, p in zip(weights, keep_probs)]
-        thresholds = self.thresholds(name, t, base_t, tuned, densities)
+        thresholds = self.thresholds(name, t, base_t, tuned, densities, numel)
         op_base = torch.zeros_like(base_t) if self.method.zero_base else base_t
         return _op.merge_tensor(op_base, tuned, weights=weights, thresholds=thresholds, keep_probs=keep_probs,
                                 seeds=seeds, elect_sign=self.method.elect_sign, normalize=self.normalize,
