@@ -526,3 +526,70 @@ def test_sparse_delta_scaled(checkpoints):
         assert torch.equal(scaled.indices[name], delta.indices[name])
         torch.testing.assert_close(scaled.values[name], delta.values[name] * sched(name))
     assert scaled.nnz == delta.nnz
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming, offline, interrupts
+
+
+def test_streams_one_tensor_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """Each tensor is written before the next tensor's inputs are read (memory: a few tensors)."""
+    events = []
+    original_get, original_write = mio._SafetensorsFiles.get, mio.ShardWriter.write
+
+    def get(self, name):
+        events.append(("read", name))
+        return original_get(self, name)
+
+    def write(self, name, tensor):
+        events.append(("write", name))
+        return original_write(self, name, tensor)
+
+    monkeypatch.setattr(mio._SafetensorsFiles, "get", get)
+    monkeypatch.setattr(mio.ShardWriter, "write", write)
+    merge.merge(checkpoints["base"], checkpoints["models"], "ties", density=0.5, out=tmp_path / "o",
+                max_shard_size="20KB")
+    pending = set()
+    for kind, name in events:
+        if kind == "read":
+            pending.add(name)
+            assert len(pending) == 1, "inputs of two tensors were held at once"
+        else:
+            pending.discard(name)
+    assert sum(k == "write" for k, _ in events) == len(_read_dir(checkpoints["base"]))
+
+
+def test_relative_paths_offline(checkpoints, tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("merge touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.chdir(checkpoints["root"])
+    (tmp_path / "c.yaml").write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                                     "  - model: ft0\n    parameters: {weight: 0.5}\n"
+                                     "  - model: ./ft1\n    parameters: {weight: 0.5}\n")
+    from sparseft.cli import main
+    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "rel"), "--quiet"]) == 0
+    absolute = merge.merge(checkpoints["base"], checkpoints["models"][:2], weights=0.5)
+    got = _read_dir(tmp_path / "rel")
+    for name in absolute:
+        assert torch.equal(got[name], absolute[name])
+
+
+def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    original = mio.ShardWriter.write
+    state = {"n": 0}
+
+    def write(self, name, tensor):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(mio.ShardWriter, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        merge.merge(checkpoints["base"], checkpoints["models"], out=tmp_path / "o")
+    _assert_clean(tmp_path, "o")

@@ -140,6 +140,10 @@ class _Plan:
             if not self.rescale:  # d_t = w_t k_t τ_t / p_t; w_t·p_t undoes the rescale
                 weights = [w * p for w, p in zip(weights, keep_probs)]
         thresholds = self.thresholds(name, t, base_t, tuned, densities, numel)
+        if thresholds is not None:  # no trim for a task: threshold 0 (|τ| ≥ 0 keeps everything)
+            thresholds = None if all(x is None for x in thresholds) else [0.0 if x is None else x for x in thresholds]
+        if keep_probs is not None and all(p >= 1 for p in keep_probs):
+            keep_probs = seeds = None
         op_base = torch.zeros_like(base_t) if self.method.zero_base else base_t
         return _op.merge_tensor(op_base, tuned, weights=weights, thresholds=thresholds, keep_probs=keep_probs,
                                 seeds=seeds, elect_sign=self.method.elect_sign, normalize=self.normalize,
