@@ -334,9 +334,13 @@ def test_input_kinds_agree(checkpoints, tmp_path):
     from_dirs = merge.merge(checkpoints["base"], checkpoints["models"], "task_arithmetic", weights=0.3)
     from_files = merge.merge(base_file, models, "task_arithmetic", weights=0.3)
     from_module = merge.merge(base_module, checkpoints["models"], "task_arithmetic", weights=0.3)
+    # a tied model's state dict holds lm_head.weight as the embedding's storage: kept once
+    from_state_dict = merge.merge(base_module.state_dict(), checkpoints["models"], "task_arithmetic", weights=0.3)
+    assert set(from_state_dict) == set(from_dirs)
     for name in from_dirs:
         assert torch.equal(from_dirs[name], from_files[name])
         assert torch.equal(from_dirs[name], from_module[name])
+        assert torch.equal(from_dirs[name], from_state_dict[name])
     # a sharded input directory reads the same
     sharded = tmp_path / "sharded"
     merge.merge(checkpoints["models"][0], [checkpoints["models"][0]], "task_arithmetic", weights=0.0,
@@ -593,3 +597,25 @@ def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         merge.merge(checkpoints["base"], checkpoints["models"], out=tmp_path / "o")
     _assert_clean(tmp_path, "o")
+
+
+def test_backends_agree_through_the_api(checkpoints):
+    """Every merge-op backend available here gives the API the same merge (cpu: bit for bit)."""
+    ops = pytest.importorskip("sparseft.ops.merge")
+    from sparseft import _backends
+    base, models = _inputs(checkpoints)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    base = {n: base[n] for n in names}
+    models = [{n: m[n] for n in names} for m in models]
+    results = {}
+    for backend in _backends.BACKENDS:
+        if backend not in getattr(ops, "IMPLEMENTED", ()) or not _backends.availability(backend, "cpu")[0]:
+            continue
+        try:
+            results[backend] = merge.merge(base, models, "dare_ties", density=0.4, seed=2, backend=backend)
+        except (RuntimeError, NotImplementedError) as exc:  # a backend without this op here
+            pytest.skip(f"{backend}: {exc}")
+    assert "torch" in results
+    for backend, got in results.items():
+        for n in names:
+            torch.testing.assert_close(got[n], results["torch"][n], atol=1e-6, rtol=0, msg=f"{backend} {n}")

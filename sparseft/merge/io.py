@@ -173,10 +173,14 @@ def _is_delta_file(path):
         return False
 
 
-def _module_tensors(module):
-    """A module's state dict with tied tensors (same storage) kept once, under their first name."""
+def _untied(items):
+    """Tied tensors (same storage, shape and dtype) kept once, under their first name, as
+    save_pretrained writes them (e.g. lm_head.weight tied to embed_tokens.weight)."""
     seen, tensors = set(), {}
-    for name, t in module.state_dict(keep_vars=True).items():
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            tensors[name] = t
+            continue
         key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
         if key is not None and key in seen:
             continue
@@ -194,13 +198,13 @@ def open_source(obj, label, base=None):
     if isinstance(obj, Source):
         return obj
     if isinstance(obj, nn.Module):
-        return _TensorDict(_module_tensors(obj), label)
+        return _TensorDict(_untied(obj.state_dict(keep_vars=True).items()), label)
     if isinstance(obj, SparseDelta):
         if base is None:
             raise ValueError(f"{label}: a SparseDelta needs a base model")
         return _DeltaOverBase(obj, base, label)
     if isinstance(obj, Mapping):
-        return _TensorDict(dict(obj), label)
+        return _TensorDict(_untied(obj.items()), label)
     if not isinstance(obj, (str, os.PathLike)):
         raise TypeError(f"{label}: expected a path, a state dict, an nn.Module or a SparseDelta, got {type(obj).__name__}")
     path = os.path.abspath(os.fspath(obj))
