@@ -144,7 +144,7 @@ def _merge_kernel(base_ptr, out_ptr, table_ptr, fparam_ptr, T, numel, index_offs
             d, bits = _delta(b, pos, live, idx, bits, t, T, table_ptr, fparam_ptr, TUNED, ALIGNED, THRESH, DARE,
                              False)
             votes += (tl.abs(d) >= consensus_lam * tl.abs(m_sum - d)).to(tl.int32)
-        m_sum = m_sum * (votes >= consensus_k).to(tl.float32)
+        m_sum = tl.where(votes >= consensus_k, m_sum, 0.0)
 
     tl.store(out_ptr + pos, _round_to(b + scale * m_sum, out_ptr.dtype.element_ty), mask=live)
 
@@ -171,10 +171,13 @@ def merge_tensor_triton(base, tuned, weights, thresholds, keep_probs, cutoffs, s
     table = _table([*addrs, *codes, *(seeds or [0] * T), *(cutoffs or [1 << 24] * T)], torch.int64, base.device)
     fparams = _table([*(float(w) for w in weights), *(float(x) for x in thresholds or [0.0] * T),
                       *(float(p) for p in keep_probs or [1.0] * T)], torch.float32, base.device)
-    _merge_kernel[(triton.cdiv(numel, BLOCK),)](
+    # The DARE keep bits held between passes (two int64 words per element) and the hash push a
+    # thread's 8 elements to ~150 registers on sm_90: 4 elements a thread there.
+    block = BLOCK // 2 if cutoffs and (elect_sign or consensus_k > 0) else BLOCK
+    _merge_kernel[(triton.cdiv(numel, block),)](
         base, out, table, fparams, T, numel, int(index_offset), int(bool(normalize)), float(consensus_lam),
         int(consensus_k), float(scale),
         TUNED=codes[0] if len(set(codes)) == 1 else MIXED, ALIGNED=all(a % 16 == 0 for a in addrs),
         THRESH=bool(thresholds), DARE=bool(cutoffs), ELECT=bool(elect_sign), CONSENSUS=consensus_k > 0,
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+        BLOCK=block, num_warps=NUM_WARPS)
     return out
