@@ -238,6 +238,9 @@ MERGEKIT_CASES = [
     ("task_arithmetic", [{"weight": [0.2, 1.0]}, {"weight": [1.0, 0.5, 0.1]}, {"weight": 0.4}], None),
     ("ties", [{"weight": 1.0, "density": [0.2, 0.6]}, {"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.3}],
      {"lambda": [0.5, 1.0]}),
+    ("dare_linear", [{"weight": 1.0, "density": 1.0}, {"weight": 0.5, "density": 1.0}, {"weight": 0.2}], None),
+    ("task_arithmetic", [{"weight": [{"filter": "self_attn", "value": 0.3}, {"value": [0.8, 0.1]}]},
+                         {"weight": 0.5}, {"weight": 0.6}], {"normalize": True}),
 ]
 
 
@@ -462,6 +465,8 @@ def test_yaml_errors_name_key_and_line(checkpoints, tmp_path):
     from sparseft.merge.config import ConfigError, load_config
     good = _yaml("ties", checkpoints, [{"weight": 1.0, "density": 0.5}] * 3)
     assert load_config(good)["method"] == "ties"
+    with_base = good.replace("models:\n", f"models:\n  - model: {checkpoints['base']}\n", 1)
+    assert load_config(with_base)["models"] == checkpoints["models"]  # the base among the models is no task
     bad_density = good.replace('"density": 0.5}', '"density": 1.5}', 1)
     with pytest.raises(ConfigError, match=r"line 5: key 'density'"):
         load_config(bad_density)
