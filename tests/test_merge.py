@@ -624,3 +624,13 @@ def test_backends_agree_through_the_api(checkpoints):
     for backend, got in results.items():
         for n in names:
             torch.testing.assert_close(got[n], results["torch"][n], atol=1e-6, rtol=0, msg=f"{backend} {n}")
+
+
+def test_chunked_merge_equals_one_call(checkpoints, monkeypatch):
+    from sparseft.merge import api
+    base, models = _inputs(checkpoints)
+    whole = merge.merge(base, models, "dare_ties", density=0.5, seed=1)
+    monkeypatch.setattr(api, "CHUNK", 1000)
+    chunked = merge.merge(base, models, "dare_ties", density=0.5, seed=1)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name])

@@ -6,11 +6,15 @@ import os
 import torch
 
 from sparseft.masks._kth_largest import kth_largest_abs_diff
-from sparseft.merge import _op
 from sparseft.merge import io as mio
 from sparseft.merge.lines import LinesSchedule, num_layers as _num_layers, parse_lines
 from sparseft.merge.methods import (CONSENSUS_K, CONSENSUS_LAMBDA, check_setting, evaluate_setting, get_method,
                                     layer_t)
+from sparseft.ops.merge import merge_tensor, task_seed
+
+# Tensors above this many elements are merged in contiguous chunks (the op's index_offset keeps
+# the DARE pattern that of one call), so a backend's temporaries stay bounded too.
+CHUNK = 1 << 22
 
 
 def _dtype(value, argument="dtype"):
@@ -136,7 +140,7 @@ class _Plan:
         keep_probs = seeds = None
         if self.method.trim == "random":
             keep_probs = [min(1.0, d) for d in densities]
-            seeds = [_op.task_seed(self.seed, name, i) for i in range(len(tuned))]
+            seeds = [task_seed(self.seed, name, i) for i in range(len(tuned))]
             if not self.rescale:  # d_t = w_t k_t τ_t / p_t; w_t·p_t undoes the rescale
                 weights = [w * p for w, p in zip(weights, keep_probs)]
         thresholds = self.thresholds(name, t, base_t, tuned, densities, numel)
@@ -144,11 +148,18 @@ class _Plan:
             thresholds = None if all(x is None for x in thresholds) else [0.0 if x is None else x for x in thresholds]
         if keep_probs is not None and all(p >= 1 for p in keep_probs):
             keep_probs = seeds = None
-        op_base = torch.zeros_like(base_t) if self.method.zero_base else base_t
-        return _op.merge_tensor(op_base, tuned, weights=weights, thresholds=thresholds, keep_probs=keep_probs,
-                                seeds=seeds, elect_sign=self.method.elect_sign, normalize=self.normalize,
-                                consensus=self.consensus, scale=scale * lines_scale,
-                                out_dtype=out_dtype or base_t.dtype, backend=self.backend)
+        options = dict(weights=weights, thresholds=thresholds, keep_probs=keep_probs, seeds=seeds,
+                       elect_sign=self.method.elect_sign, normalize=self.normalize, consensus=self.consensus,
+                       scale=scale * lines_scale, out_dtype=out_dtype or base_t.dtype, backend=self.backend)
+        result = torch.empty(base_t.shape, dtype=options["out_dtype"], device=base_t.device)
+        flat_out, flat_base = result.view(-1), base_t.reshape(-1)
+        flat_tuned = [x.reshape(-1) for x in tuned]
+        for start in range(0, base_t.numel(), CHUNK):  # an empty tensor stays empty
+            end = min(base_t.numel(), start + CHUNK)
+            b = flat_base[start:end]
+            merge_tensor(torch.zeros_like(b) if self.method.zero_base else b, [x[start:end] for x in flat_tuned],
+                         index_offset=start, out=flat_out[start:end], **options)
+        return result
 
 
 def _load(source, name, device):
