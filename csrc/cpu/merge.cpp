@@ -19,8 +19,8 @@
 // The pass is bound by memory traffic: every input element is read once and every output
 // element written once. Each parallel task walks blocks of kBlock elements; a block's inputs
 // are converted to float32 in small per-task buffers (T * kBlock floats for the task deltas,
-// a few kBlock-sized rows besides), never a T * numel temporary. The inner loops run over
-// the elements of a block with the tasks outside, so the compiler vectorises them; the
+// a few kBlock-sized rows besides), never a T * numel temporary. The loops are written with
+// at::vec vectors over the elements of a block (selections as bit masks, no branches); the
 // arithmetic is the reference's op for op, with FMA contraction switched off for this file
 // (GCC contracts b + scale * M into one fma under -march=native otherwise), which keeps the
 // CPU backend bit-identical to the torch reference.
@@ -54,12 +54,13 @@ namespace sparseft {
 namespace {
 
 using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kBlock = 1024;      // elements per block (the per-task buffers' length)
 constexpr int64_t kGrain = 1 << 15;   // elements per parallel task
 
 struct Stream {
-  const void* ptr;
+  void* ptr;
   at::ScalarType dtype;
 };
 
@@ -96,105 +97,95 @@ struct Options {
   float weight_sum;  // sum_t w_t in float32, in order: D when m_t = 1 for every task
 };
 
-// One block of n elements starting at flat position k.
+// One block of n elements starting at flat position k. Every loop runs over whole vectors of
+// the block (a partial last vector: lanes past n load as zero and are never stored); selections
+// are bit masks, so "keep ? v : 0" is v & mask, which adds +0 where a scalar loop would skip.
 void merge_block(const Stream& base, const std::vector<Stream>& tuned, const Options& o, int64_t k, int64_t n,
-                 float* dbuf, float* bbuf, float* xbuf, float* mbuf, float* sbuf, float* wbuf, float* cbuf,
-                 float* obuf, const Stream& out) {
+                 float* dbuf, float* bbuf, float* xbuf, float* mbuf, float* cbuf,
+                 uint32_t* keepbuf, const Stream& out) {
+  constexpr int64_t V = Vec::size();
   const float* b = float_block(base, k, n, bbuf);
   const int64_t T = o.tasks;
+  const Vec zero(0.f), one(1.f);
   for (int64_t t = 0; t < T; ++t) {
     const float* x = float_block(tuned[t], k, n, xbuf);
     float* d = dbuf + t * kBlock;
-    const float w = o.weights[t];
+    const Vec w(o.weights[t]);
+    const Vec theta(o.trim ? o.thresholds[t] : 0.f);
     if (o.dare) {
       const uint64_t seed = o.seeds[t], cutoff = o.cutoffs[t], first = o.index_offset + static_cast<uint64_t>(k);
-      for (int64_t j = 0; j < n; ++j) cbuf[j] = (dare_hash(seed, first + j) >> 40) < cutoff ? 1.f : 0.f;
-      const float p = o.keep_probs[t];
-      const float theta = o.trim ? o.thresholds[t] : 0.f;
-      const bool trim = o.trim;
-      for (int64_t j = 0; j < n; ++j) {
-        const float tau = x[j] - b[j];
-        const bool keep = (!trim || std::fabs(tau) >= theta) && cbuf[j] != 0.f;
-        const float v = (w * tau) / p;
-        d[j] = keep ? v : 0.f;
-      }
-    } else if (o.trim) {
-      const float theta = o.thresholds[t];
-      for (int64_t j = 0; j < n; ++j) {
-        const float tau = x[j] - b[j];
-        const float v = w * tau;
-        d[j] = std::fabs(tau) >= theta ? v : 0.f;
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) d[j] = w * (x[j] - b[j]);
+      for (int64_t j = 0; j < n; ++j) keepbuf[j] = (dare_hash(seed, first + j) >> 40) < cutoff ? ~0u : 0u;
+    }
+    const Vec p(o.dare ? o.keep_probs[t] : 1.f);
+    for (int64_t j = 0; j < n; j += V) {
+      const int64_t c = std::min(V, n - j);
+      const Vec tau = Vec::loadu(x + j, c) - Vec::loadu(b + j, c);
+      Vec v = w * tau;
+      if (o.dare) v = (v / p) & Vec::loadu(keepbuf + j, c);
+      if (o.trim) v = v & (tau.abs() >= theta);
+      v.store(d + j);  // whole vectors: the block rows hold kBlock floats
     }
   }
 
   float* M = mbuf;
-  std::fill(M, M + n, 0.f);
   if (o.elect_sign) {
-    float* S = sbuf;
-    std::fill(S, S + n, 0.f);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* d = dbuf + t * kBlock;
-      for (int64_t j = 0; j < n; ++j) S[j] += d[j];
-    }
-    float* D = wbuf;
-    std::fill(D, D + n, 0.f);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* d = dbuf + t * kBlock;
-      const float w = o.weights[t];
-      for (int64_t j = 0; j < n; ++j) {
-        const bool m = S[j] >= 0.f ? d[j] > 0.f : d[j] < 0.f;
-        M[j] += m ? d[j] : 0.f;
-        D[j] += m ? w : 0.f;
+    for (int64_t j = 0; j < n; j += V) {
+      Vec S = zero;
+      for (int64_t t = 0; t < T; ++t) S = S + Vec::loadu(dbuf + t * kBlock + j);
+      const Vec positive = S >= zero;
+      Vec m_sum = zero, w_sum = zero;
+      for (int64_t t = 0; t < T; ++t) {
+        const Vec d = Vec::loadu(dbuf + t * kBlock + j);
+        const Vec m = Vec::blendv(d < zero, d > zero, positive);
+        m_sum = m_sum + (d & m);
+        w_sum = w_sum + (Vec(o.weights[t]) & m);
       }
-    }
-    if (o.normalize) {
-      for (int64_t j = 0; j < n; ++j) {
-        const float den = std::fabs(D[j]) < 1e-8f ? 1.f : D[j];
-        M[j] = M[j] / den;
-      }
+      if (o.normalize) m_sum = m_sum / Vec::blendv(w_sum, one, w_sum.abs() < Vec(1e-8f));
+      m_sum.store(M + j);
     }
   } else {
-    for (int64_t t = 0; t < T; ++t) {
-      const float* d = dbuf + t * kBlock;
-      for (int64_t j = 0; j < n; ++j) M[j] += d[j];
-    }
-    if (o.normalize) {
-      const float den = std::fabs(o.weight_sum) < 1e-8f ? 1.f : o.weight_sum;
-      for (int64_t j = 0; j < n; ++j) M[j] = M[j] / den;
+    const float den = std::fabs(o.weight_sum) < 1e-8f ? 1.f : o.weight_sum;
+    for (int64_t j = 0; j < n; j += V) {
+      Vec m_sum = zero;
+      for (int64_t t = 0; t < T; ++t) m_sum = m_sum + Vec::loadu(dbuf + t * kBlock + j);
+      if (o.normalize) m_sum = m_sum / Vec(den);
+      m_sum.store(M + j);
     }
   }
 
   if (o.consensus_k > 0) {
-    float* C = cbuf;  // the DARE keep flags are spent: reuse the row for the vote counts
-    std::fill(C, C + n, 0.f);
-    const float lam = o.consensus_lam;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* d = dbuf + t * kBlock;
-      for (int64_t j = 0; j < n; ++j) C[j] += std::fabs(d[j]) >= lam * std::fabs(M[j] - d[j]) ? 1.f : 0.f;
+    const Vec lam(o.consensus_lam);
+    const Vec need(static_cast<float>(o.consensus_k));  // vote counts <= T are exact in float32
+    for (int64_t j = 0; j < n; j += V) {
+      const Vec m = Vec::loadu(M + j);
+      Vec votes = zero;
+      for (int64_t t = 0; t < T; ++t) {
+        const Vec d = Vec::loadu(dbuf + t * kBlock + j);
+        votes = votes + (one & (d.abs() >= lam * (m - d).abs()));
+      }
+      (m & (votes >= need)).store(M + j);
     }
-    const float need = static_cast<float>(o.consensus_k);  // counts <= T are exact in float32
-    for (int64_t j = 0; j < n; ++j) M[j] = C[j] >= need ? M[j] : 0.f;
   }
 
-  const float scale = o.scale;
+  const Vec scale(o.scale);
   if (out.dtype == at::kFloat) {
-    float* y = static_cast<float*>(const_cast<void*>(out.ptr)) + k;
-    for (int64_t j = 0; j < n; ++j) {
-      const float delta = scale * M[j];
-      y[j] = b[j] + delta;
+    float* y = static_cast<float*>(out.ptr) + k;
+    for (int64_t j = 0; j < n; j += V) {
+      const int64_t c = std::min(V, n - j);
+      const Vec delta = scale * Vec::loadu(M + j);
+      (Vec::loadu(b + j, c) + delta).store(y + j, c);
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const float delta = scale * M[j];
-      obuf[j] = b[j] + delta;
+    float* result = cbuf;
+    for (int64_t j = 0; j < n; j += V) {
+      const int64_t c = std::min(V, n - j);
+      const Vec delta = scale * Vec::loadu(M + j);
+      (Vec::loadu(b + j, c) + delta).store(result + j);
     }
     if (out.dtype == at::kBFloat16) {
-      at::vec::convert(obuf, static_cast<at::BFloat16*>(const_cast<void*>(out.ptr)) + k, n);
+      at::vec::convert(result, static_cast<at::BFloat16*>(out.ptr) + k, n);
     } else {
-      at::vec::convert(obuf, static_cast<at::Half*>(const_cast<void*>(out.ptr)) + k, n);
+      at::vec::convert(result, static_cast<at::Half*>(out.ptr) + k, n);
     }
   }
 }
@@ -255,23 +246,23 @@ void merge_tensor(const Tensor& base, at::TensorList tuned, at::ArrayRef<double>
 
   const int64_t numel = base.numel();
   if (numel == 0) return;
-  const Stream base_s{base.data_ptr(), base.scalar_type()};
+  const Stream base_s{const_cast<void*>(base.data_ptr()), base.scalar_type()};
   std::vector<Stream> tuned_s;
   for (int64_t t = 0; t < T; ++t) tuned_s.push_back({tuned[t].data_ptr(), tuned[t].scalar_type()});
   const Stream out_s{out.data_ptr(), out.scalar_type()};
 
   at::parallel_for(0, (numel + kBlock - 1) / kBlock, std::max<int64_t>(1, kGrain / kBlock),
                    [&](int64_t block_begin, int64_t block_end) {
-                     // Per task: T rows of deltas and 7 rows of block-sized scratch.
-                     std::vector<float> scratch((T + 7) * kBlock);
+                     // Per task: T rows of deltas, 4 rows of block-sized scratch, the DARE keep bits.
+                     std::vector<float> scratch((T + 4) * kBlock);
+                     std::vector<uint32_t> keep(o.dare ? kBlock : 0);
                      float* dbuf = scratch.data();
                      float* rows = dbuf + T * kBlock;
                      for (int64_t blk = block_begin; blk < block_end; ++blk) {
                        const int64_t k = blk * kBlock;
                        const int64_t n = std::min(kBlock, numel - k);
                        merge_block(base_s, tuned_s, o, k, n, dbuf, rows, rows + kBlock, rows + 2 * kBlock,
-                                   rows + 3 * kBlock, rows + 4 * kBlock, rows + 5 * kBlock, rows + 6 * kBlock,
-                                   out_s);
+                                   rows + 3 * kBlock, keep.data(), out_s);
                      }
                    });
 }
