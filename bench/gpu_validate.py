@@ -128,6 +128,32 @@ def check_lowrank_weight_update(backend, dtype, device, rows, cols, rank, side):
     return {"weight": _rel_err(weight, expected)}
 
 
+def check_merge(backend, dtype, device, numel, tasks, mixed=False, **options):
+    """One fused merge against the torch reference (float32, the same ops in the same order: the
+    discrete decisions agree, the GPU kernels may fuse b + scale·M into one FMA), and the DARE
+    keep mask of the backend (a merge of ones into zeros) bit for bit against the reference's."""
+    from sparseft.ops.merge import dare_keep_mask, merge_tensor
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = _randn(numel, device=device, gen=gen).to(dtype)
+    tuned = [(base.float() + 0.05 * (t + 1) * _randn(numel, device=device, gen=gen))
+             .to(torch.float16 if mixed and t % 3 == 1 else dtype) for t in range(tasks)]
+    kwargs = dict(weights=[1.0 / (t + 1) for t in range(tasks)], **options)
+    if "keep_probs" in options:
+        kwargs["seeds"] = [2 ** 62 + 977 * t for t in range(tasks)]
+    index_offset = 2 ** 33 + 5
+    got = merge_tensor(base, tuned, backend=backend, index_offset=index_offset, **kwargs)
+    expected = merge_tensor(base, tuned, backend="torch", index_offset=index_offset, **kwargs)
+    result = {"out": _rel_err(got, expected)}
+    if "keep_probs" in options:  # kept entries of ones merged into zeros are 1 / 0.5 = 2 exactly
+        zeros, ones = torch.zeros(numel, device=device), torch.ones(numel, device=device)
+        mask = merge_tensor(zeros, [ones], weights=[1.0], keep_probs=[0.5], seeds=kwargs["seeds"][:1],
+                            index_offset=index_offset, backend=backend)
+        expected_mask = dare_keep_mask(kwargs["seeds"][0], numel, 0.5, index_offset, device=device)
+        result["dare_mask_identical"] = bool(torch.equal(mask == 2.0, expected_mask)) and \
+            bool(((mask == 0) | (mask == 2.0)).all())
+    return result
+
+
 # (name, check, full-size arguments, tiny arguments for the interpreter)
 CASES = (
     ("linear_ce", check_linear_cross_entropy, dict(tokens=8192, dim=4096, vocab=128256),
@@ -146,6 +172,16 @@ CASES = (
      dict(rows=37, cols=29, rank=5, side="right")),
     ("lowrank_weight_update left", check_lowrank_weight_update, dict(rows=4096, cols=11008, rank=256, side="left"),
      dict(rows=37, cols=29, rank=5, side="left")),
+    ("merge task_arithmetic", check_merge, dict(numel=4096 * 4096, tasks=3, scale=0.5),
+     dict(numel=1037, tasks=3, scale=0.5)),
+    ("merge dare_ties mixed", check_merge,
+     dict(numel=4096 * 4096 + 3, tasks=5, mixed=True, thresholds=[0.01] * 5, keep_probs=[0.7] * 5, elect_sign=True,
+          normalize=True),
+     dict(numel=1037, tasks=5, mixed=True, thresholds=[0.01] * 5, keep_probs=[0.7] * 5, elect_sign=True,
+          normalize=True)),
+    ("merge consensus 20 tasks", check_merge,
+     dict(numel=1 << 20, tasks=20, keep_probs=[0.5] * 20, elect_sign=True, normalize=True, consensus=(0.5, 2)),
+     dict(numel=257, tasks=20, keep_probs=[0.5] * 20, elect_sign=True, normalize=True, consensus=(0.5, 2))),
 )
 
 
@@ -181,7 +217,8 @@ def main(argv=None):
             result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
         else:
             errors = [v for v in result.values() if isinstance(v, float)]
-            result["ok"] = all(e <= TOLERANCE[dtype] for e in errors) and result.get("unmasked_identical", True)
+            result["ok"] = all(e <= TOLERANCE[dtype] for e in errors) and \
+                all(v for v in result.values() if isinstance(v, bool))  # unmasked_identical, dare_mask_identical
             failed += not result["ok"]
         result["seconds"] = round(time.perf_counter() - start, 3)
         results["checks"][label] = result
