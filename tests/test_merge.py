@@ -634,3 +634,15 @@ def test_chunked_merge_equals_one_call(checkpoints, monkeypatch):
     chunked = merge.merge(base, models, "dare_ties", density=0.5, seed=1)
     for name in whole:
         assert torch.equal(whole[name], chunked[name])
+
+
+def test_output_beside_a_file_input_is_fine_but_not_over_an_input(checkpoints, tmp_path):
+    base, models = _inputs(checkpoints)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(models[0], str(tmp_path / "ft.safetensors"))
+    out = merge.merge(str(tmp_path / "base.safetensors"), [str(tmp_path / "ft.safetensors")], out=tmp_path / "m")
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"\(or holds\) the input"):
+        merge.merge(str(tmp_path / "base.safetensors"), [str(tmp_path / "ft.safetensors")], out=tmp_path,
+                    overwrite=True)
+    assert os.path.isfile(tmp_path / "base.safetensors")

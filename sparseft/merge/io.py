@@ -323,8 +323,8 @@ def check_output(out, overwrite, inputs=()):
         if not isinstance(path, (str, os.PathLike)):
             continue
         path = os.path.abspath(os.fspath(path))
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep) or folder.startswith(out + os.sep):
+        inside_input = os.path.isdir(path) and (out == path or out.startswith(path.rstrip(os.sep) + os.sep))
+        if inside_input or out == path or path.startswith(out + os.sep):
             raise ValueError(f"out: {out} is inside (or holds) the input {path}; choose another directory")
 
 
