@@ -646,3 +646,35 @@ def test_output_beside_a_file_input_is_fine_but_not_over_an_input(checkpoints, t
         merge.merge(str(tmp_path / "base.safetensors"), [str(tmp_path / "ft.safetensors")], out=tmp_path,
                     overwrite=True)
     assert os.path.isfile(tmp_path / "base.safetensors")
+
+
+@pytest.mark.slow
+def test_merged_smollm2_loads_and_generates(tmp_path):
+    """SmolLM2-135M (offline GGUF) as the base, two fine-tunes made here (small random deltas, bf16),
+    TIES + LiNeS through the API into a bf16 HF directory that transformers loads and runs."""
+    from sparseft.bench.sparse import load_model
+    try:
+        model = load_model("cpu", torch.float32)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    model = model.to(torch.bfloat16)
+    # a GGUF-loaded model refuses save_pretrained: write its HF directory by hand
+    (tmp_path / "base").mkdir()
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+              str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp_path / "base")
+    generator = torch.Generator().manual_seed(0)
+    tunes = []
+    for _ in range(2):  # named_parameters: tied lm_head/embedding once, as save_pretrained writes them
+        tunes.append({n: (p.detach().float() + 1e-3 * torch.randn(p.shape, generator=generator)).to(torch.bfloat16)
+                      for n, p in model.named_parameters()})
+    del model
+    out = merge.merge(str(tmp_path / "base"), tunes, "ties", density=0.2, lines=(0.5, 0.5), out=tmp_path / "merged",
+                      dtype="bfloat16")
+    del tunes
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    ids = merged.generate(torch.tensor([[1, 504, 3458, 314]]), max_new_tokens=5, do_sample=False)
+    assert ids.shape == (1, 9)
+    with torch.no_grad():
+        assert torch.isfinite(merged(ids).logits.float()).all()
