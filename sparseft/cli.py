@@ -90,7 +90,7 @@ def _merge(args):
     from sparseft.merge.config import ConfigError, merge_from_config
     try:
         out = merge_from_config(args.config, args.out, overwrite=args.force, device=args.device, backend=args.backend,
-                                progress=not args.quiet)
+                                progress=not args.quiet, max_shard_size=args.max_shard_size)
     except (ConfigError, ValueError, FileExistsError, TypeError) as exc:
         print(f"sparseft merge: error: {exc}", file=sys.stderr)
         return 2
@@ -142,6 +142,7 @@ def main(argv=None):
     merge.add_argument("--force", action="store_true", help="replace an existing output directory")
     merge.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda)")
     merge.add_argument("--backend", default=None, help="force a merge kernel backend (torch, cpu, triton, cuda)")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=_merge)
     args = parser.parse_args(argv)

@@ -251,7 +251,8 @@ def test_against_mergekit_and_cli(checkpoints, tmp_path, method, params, shared)
     expected = _run_mergekit(config, tmp_path / "mk")
     (tmp_path / "c.yaml").write_text(config)
     from sparseft.cli import main
-    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "ours"), "--quiet"]) == 0
+    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "ours"), "--quiet", "--max-shard-size", "40KB"]) == 0
+    assert os.path.isfile(tmp_path / "ours" / mio.INDEX_NAME)
     ours = _read_dir(tmp_path / "ours")
     assert set(ours) == set(expected)
     for name in expected:
