@@ -311,6 +311,176 @@ def test_backend_through_the_op(case):
     assert torch.equal(got, expected)
 
 
+# ----------------------------------------------------------------------------- the CUDA code on the host
+# csrc/cuda/merge.cu compiled as host C++ against stand-in CUDA headers (-DSPARSEFT_MERGE_HOST_TEST
+# leaves its launches out) and run thread by thread: the kernel's logic (passes, cached keep
+# bits, vector and scalar paths, the task table in parameters or in an array) checked without a
+# GPU. Its explicitly rounded float32 ops (no FMA) equal the torch reference's bit for bit.
+
+_STANDINS = {
+    "cuda_runtime.h": r"""
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __grid_constant__
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+struct Dim { unsigned x; };
+extern Dim gridDim, blockDim, blockIdx, threadIdx;
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+""",
+    "cuda_bf16.h": r"""
+#pragma once
+#include "cuda_runtime.h"
+struct __nv_bfloat16 { uint16_t x; };
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float(uint32_t(h.x) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return {uint16_t((u >> 16) | 0x40)};
+  u += 0x7FFF + ((u >> 16) & 1); return {uint16_t(u >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+""",
+    "cuda_fp16.h": r"""
+#pragma once
+#include "cuda_runtime.h"
+struct __half { uint16_t x; };
+inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.x, 2); return float(v); }
+inline __half __float2half_rn(float f) { _Float16 v = (_Float16)f; __half h; std::memcpy(&h.x, &v, 2); return h; }
+inline __half __ushort_as_half(unsigned short s) { return {s}; }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+""",
+    "harness.cpp": r"""
+#include "cuda_runtime.h"
+Dim gridDim, blockDim, blockIdx, threadIdx;
+#include "merge.cu"
+namespace sparseft { namespace cuda {
+void emulate(const void* base, int32_t base_dtype, const MergeTask* tasks, int64_t T, void* out, int32_t out_dtype,
+             int64_t numel, MergeOptions o, int grid, int threads) {
+  InlineTasks inline_tasks{};
+  Params a{base, out, nullptr, numel, static_cast<int32_t>(T), o};
+  if (T <= kMergeInlineTasks) std::copy(tasks, tasks + T, inline_tasks.task); else a.tasks = tasks;
+  bool vector = aligned16(base) && aligned16(out);
+  for (int64_t t = 0; t < T; ++t) vector = vector && aligned16(tasks[t].ptr);
+  gridDim.x = grid, blockDim.x = threads;
+  for (int block = 0; block < grid; ++block) {
+    for (int thread = 0; thread < threads; ++thread) {
+      blockIdx.x = block, threadIdx.x = thread;
+#define TYPED(B, O) if (base_dtype == B && out_dtype == O) { \
+  if (vector) merge_tensor_kernel<B, O, true>(inline_tasks, a); else merge_tensor_kernel<B, O, false>(inline_tasks, a); }
+      TYPED(0, 0) TYPED(0, 1) TYPED(0, 2) TYPED(1, 0) TYPED(1, 1) TYPED(1, 2) TYPED(2, 0) TYPED(2, 1) TYPED(2, 2)
+    }
+  }
+}
+}}
+extern "C" int64_t merge_sizes() { return sizeof(sparseft::cuda::MergeTask) * 1000 + sizeof(sparseft::cuda::MergeOptions); }
+extern "C" void merge_emulate(const void* base, int32_t base_dtype, const sparseft::cuda::MergeTask* tasks, int64_t T,
+                              void* out, int32_t out_dtype, int64_t numel, sparseft::cuda::MergeOptions o, int grid,
+                              int threads) {
+  sparseft::cuda::emulate(base, base_dtype, tasks, T, out, out_dtype, numel, o, grid, threads);
+}
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def cuda_code_on_host(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ to compile csrc/cuda/merge.cu's code for the host")
+    folder = tmp_path_factory.mktemp("merge_cu_host")
+    for name, text in _STANDINS.items():
+        (folder / name).write_text(text)
+    source_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
+    library = folder / "libmerge_host.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+                    "-DSPARSEFT_MERGE_HOST_TEST", f"-I{folder}", f"-I{source_dir}", str(folder / "harness.cpp"),
+                    "-o", str(library)], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(library))
+
+    class Task(ctypes.Structure):  # sparseft::cuda::MergeTask
+        _fields_ = [("ptr", ctypes.c_void_p), ("seed", ctypes.c_uint64), ("cutoff", ctypes.c_int64),
+                    ("weight", ctypes.c_float), ("threshold", ctypes.c_float), ("keep_prob", ctypes.c_float),
+                    ("dtype", ctypes.c_int32)]
+
+    class Options(ctypes.Structure):  # sparseft::cuda::MergeOptions
+        _fields_ = [("thresholds", ctypes.c_bool), ("dare", ctypes.c_bool), ("elect_sign", ctypes.c_bool),
+                    ("normalize", ctypes.c_bool), ("consensus_lam", ctypes.c_float), ("consensus_k", ctypes.c_int64),
+                    ("scale", ctypes.c_float), ("index_offset", ctypes.c_int64)]
+
+    lib.merge_sizes.restype = ctypes.c_int64
+    assert lib.merge_sizes() == ctypes.sizeof(Task) * 1000 + ctypes.sizeof(Options)
+    lib.merge_emulate.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(Task), ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, Options, ctypes.c_int, ctypes.c_int]
+
+    def run(base, tuned, o, out, grid=3, threads=32):
+        """The binding's conversion of the op's arguments, then a launch of grid × threads."""
+        T = len(tuned)
+        tasks = (Task * T)(*[
+            Task(x.data_ptr(), o["seeds"][t] % 2 ** 64 if o["cutoffs"] else 0, o["cutoffs"][t] if o["cutoffs"] else 0,
+                 o["weights"][t], o["thresholds"][t] if o["thresholds"] else 0.0,
+                 o["keep_probs"][t] if o["keep_probs"] else 1.0, kernels.DTYPE_CODES[x.dtype])
+            for t, x in enumerate(tuned)])
+        options_ = Options(bool(o["thresholds"]), bool(o["cutoffs"]), o["elect_sign"], o["normalize"],
+                           o["consensus_lam"], o["consensus_k"], o["scale"], o["index_offset"])
+        lib.merge_emulate(base.data_ptr(), kernels.DTYPE_CODES[base.dtype], tasks, T, out.data_ptr(),
+                          kernels.DTYPE_CODES[out.dtype], base.numel(), options_, grid, threads)
+        return out
+    return run
+
+
+@pytest.mark.parametrize("T", (1, 3, 5, 17, 70))  # 17: the task table in an array; 70: beyond 64 cached bits
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_code_on_host_matches_float64(cuda_code_on_host, case, T):
+    numel = NUMEL if T < 70 else 101  # NUMEL: 259 groups of four and a ragged element
+    base, tuned = make_inputs(T, BF16, [(F32, BF16, F16)[t % 3] for t in range(T)], numel=numel, seed=10)
+    opts = options(T, **CASES[case])
+    got = cuda_code_on_host(base, tuned, opts, torch.full((numel,), float("nan")))
+    exact, size, margin = reference(base, tuned, *opts.values())
+    assert_matches_reference(got, exact, size, margin, T)
+    check_against_torch_backend(base, tuned, opts, got)
+
+
+@pytest.mark.parametrize("base_dtype, tuned_dtype, out_dtype",
+                         [(F32, F32, F32), (BF16, BF16, BF16), (F16, F16, F16), (F32, BF16, F16), (F16, F32, BF16),
+                          (BF16, F16, F32)])
+def test_cuda_code_on_host_dtypes_and_paths(cuda_code_on_host, base_dtype, tuned_dtype, out_dtype):
+    T = 3
+    base, tuned = make_inputs(T, base_dtype, [tuned_dtype] * T, seed=11)
+    opts = options(T, **CASES["everything"])
+    vector = cuda_code_on_host(base, tuned, opts, torch.empty(NUMEL, dtype=out_dtype))
+    exact, size, margin = reference(base, tuned, *opts.values())
+    assert_matches_reference(vector, exact, size, margin, T)
+    check_against_torch_backend(base, tuned, opts, vector)
+    # Views one element off alignment take the scalar path; out inside a guarded buffer.
+    shifted = [torch.cat([torch.zeros(1, dtype=x.dtype), x])[1:] for x in tuned]
+    buffer = torch.full((NUMEL + 9,), 7.0, dtype=out_dtype)
+    cuda_code_on_host(base, shifted, opts, buffer[:NUMEL], grid=1, threads=64)
+    assert torch.equal(buffer[:NUMEL], vector)
+    assert torch.equal(buffer[NUMEL:], torch.full((9,), 7.0, dtype=out_dtype))
+    # In place: out is base.
+    in_place = base.clone()
+    if out_dtype == base_dtype:
+        cuda_code_on_host(in_place, tuned, opts, in_place)
+        assert torch.equal(in_place, vector)
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 _cuda_ok, _cuda_reason = (_backends.availability("cuda", "cuda") if torch.cuda.is_available()

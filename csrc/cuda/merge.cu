@@ -220,6 +220,11 @@ __global__ void __launch_bounds__(kThreads) merge_tensor_kernel(const __grid_con
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// SPARSEFT_MERGE_HOST_TEST: tests/test_merge_kernels.py compiles the code above as host C++ (with
+// stand-in CUDA headers) and runs the kernel's threads one by one, without a GPU; the launches
+// below need nvcc.
+#ifndef SPARSEFT_MERGE_HOST_TEST
+
 template <int kBase, int kOut>
 void launch_typed(const InlineTasks& inline_tasks, const Params& a, bool vector, int blocks, cudaStream_t stream) {
   if (vector) {
@@ -239,8 +244,11 @@ void launch_out(int32_t out_dtype, const InlineTasks& inline_tasks, const Params
   }
 }
 
+#endif  // SPARSEFT_MERGE_HOST_TEST
+
 }  // namespace
 
+#ifndef SPARSEFT_MERGE_HOST_TEST
 cudaError_t launch_merge_tensor(const void* base, int32_t base_dtype, const MergeTask* tasks, int64_t num_tasks,
                                 void* out, int32_t out_dtype, int64_t numel, const MergeOptions& options,
                                 cudaStream_t stream) {
@@ -279,6 +287,7 @@ cudaError_t launch_merge_tensor(const void* base, int32_t base_dtype, const Merg
   }
   return launched;
 }
+#endif  // SPARSEFT_MERGE_HOST_TEST
 
 }  // namespace cuda
 }  // namespace sparseft
