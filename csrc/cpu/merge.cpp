@@ -85,6 +85,13 @@ inline uint64_t dare_hash(uint64_t seed, uint64_t i) {
   return x ^ (x >> 31);
 }
 
+// keep[j] = all ones where (hash(seed, first + j) >> 40) < cutoff, else 0. GCC vectorises this
+// loop under -march=native (AVX2: 64-bit products from vpmuludq); a hand-written AVX2 version
+// measured no faster.
+void dare_keep(uint64_t seed, uint64_t first, uint64_t cutoff, int64_t n, uint32_t* keep) {
+  for (int64_t j = 0; j < n; ++j) keep[j] = (dare_hash(seed, first + j) >> 40) < cutoff ? ~0u : 0u;
+}
+
 struct Options {
   int64_t tasks;
   std::vector<float> weights, thresholds, keep_probs;
@@ -114,7 +121,7 @@ void merge_block(const Stream& base, const std::vector<Stream>& tuned, const Opt
     const Vec theta(o.trim ? o.thresholds[t] : 0.f);
     if (o.dare) {
       const uint64_t seed = o.seeds[t], cutoff = o.cutoffs[t], first = o.index_offset + static_cast<uint64_t>(k);
-      for (int64_t j = 0; j < n; ++j) keepbuf[j] = (dare_hash(seed, first + j) >> 40) < cutoff ? ~0u : 0u;
+      dare_keep(seed, first, cutoff, n, keepbuf);
     }
     const Vec p(o.dare ? o.keep_probs[t] : 1.f);
     for (int64_t j = 0; j < n; j += V) {
