@@ -171,8 +171,9 @@ def merge_tensor_triton(base, tuned, weights, thresholds, keep_probs, cutoffs, s
     table = _table([*addrs, *codes, *(seeds or [0] * T), *(cutoffs or [1 << 24] * T)], torch.int64, base.device)
     fparams = _table([*(float(w) for w in weights), *(float(x) for x in thresholds or [0.0] * T),
                       *(float(p) for p in keep_probs or [1.0] * T)], torch.float32, base.device)
-    # The DARE keep bits held between passes (two int64 words per element) and the hash push a
-    # thread's 8 elements to ~150 registers on sm_90: 4 elements a thread there.
+    # With DARE and a later pass, the keep bits held between passes and the element index (two
+    # 64-bit values per element) and the hash take a thread of 8 elements to ~150 registers on
+    # sm_90 (.ci/compile_triton): 4 elements a thread there (72 registers), 8 otherwise (<= 96).
     block = BLOCK // 2 if cutoffs and (elect_sign or consensus_k > 0) else BLOCK
     _merge_kernel[(triton.cdiv(numel, block),)](
         base, out, table, fparams, T, numel, int(index_offset), int(bool(normalize)), float(consensus_lam),
