@@ -150,7 +150,8 @@ def check_against_torch_backend(base, tuned, opts, got):
 
 # ----------------------------------------------------------------------------- the DARE mask
 
-@pytest.mark.parametrize("seed, index_offset", [(0, 0), (12345, 7), (2 ** 63 - 25, 2 ** 40 + 3), (2 ** 62 + 1, 2 ** 33)])
+@pytest.mark.parametrize("seed, index_offset",
+                         [(0, 0), (12345, 7), (2 ** 63 - 25, 2 ** 40 + 3), (2 ** 62 + 1, 2 ** 33)])
 @pytest.mark.parametrize("keep_prob", (0.1, 0.5, 1.0))
 def test_dare_mask_bit_exact(seed, index_offset, keep_prob):
     """Merging ones into zeros with weight 1 writes keep_t(i) itself."""
@@ -380,13 +381,16 @@ void emulate(const void* base, int32_t base_dtype, const MergeTask* tasks, int64
     for (int thread = 0; thread < threads; ++thread) {
       blockIdx.x = block, threadIdx.x = thread;
 #define TYPED(B, O) if (base_dtype == B && out_dtype == O) { \
-  if (vector) merge_tensor_kernel<B, O, true>(inline_tasks, a); else merge_tensor_kernel<B, O, false>(inline_tasks, a); }
+  if (vector) merge_tensor_kernel<B, O, true>(inline_tasks, a); \
+  else merge_tensor_kernel<B, O, false>(inline_tasks, a); }
       TYPED(0, 0) TYPED(0, 1) TYPED(0, 2) TYPED(1, 0) TYPED(1, 1) TYPED(1, 2) TYPED(2, 0) TYPED(2, 1) TYPED(2, 2)
     }
   }
 }
 }}
-extern "C" int64_t merge_sizes() { return sizeof(sparseft::cuda::MergeTask) * 1000 + sizeof(sparseft::cuda::MergeOptions); }
+extern "C" int64_t merge_sizes() {
+  return sizeof(sparseft::cuda::MergeTask) * 1000 + sizeof(sparseft::cuda::MergeOptions);
+}
 extern "C" void merge_emulate(const void* base, int32_t base_dtype, const sparseft::cuda::MergeTask* tasks, int64_t T,
                               void* out, int32_t out_dtype, int64_t numel, sparseft::cuda::MergeOptions o, int grid,
                               int threads) {
@@ -409,8 +413,8 @@ def cuda_code_on_host(tmp_path_factory):
         (folder / name).write_text(text)
     source_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
     library = folder / "libmerge_host.so"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-                    "-DSPARSEFT_MERGE_HOST_TEST", f"-I{folder}", f"-I{source_dir}", str(folder / "harness.cpp"),
+    subprocess.run([compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wall",
+                    "-Wno-unknown-pragmas", "-Werror", "-DSPARSEFT_MERGE_HOST_TEST", f"-I{folder}", f"-I{source_dir}", str(folder / "harness.cpp"),
                     "-o", str(library)], check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(library))
 
