@@ -89,36 +89,65 @@ class _TensorDict(Source):
         return self._tensors[name].detach()
 
 
+def _read_header(path, label):
+    """{name: (shape, dtype, begin, end)} (absolute byte offsets, in file order) of a safetensors file,
+    checked against the file's size: a truncated file is refused before any tensor is read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{label}: {path} is truncated or not a safetensors file ({size} bytes)")
+        length = struct.unpack("<Q", head)[0]
+        if length > size - 8 or length > 100_000_000:
+            raise ValueError(f"{label}: {path} is truncated or not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise ValueError(f"{label}: {path} is not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{label}: {path} is not a safetensors file")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _FROM_ST.get(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{label}: {path}: malformed header entry for {name!r}") from None
+        if dtype is None:
+            raise ValueError(f"{label}: {name!r} in {path} has unsupported dtype {info['dtype']}")
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0:
+            raise ValueError(f"{label}: {path}: {name!r} has inconsistent data offsets")
+        if 8 + length + end > size:
+            raise ValueError(f"{label}: {path} is truncated ({size} bytes; {name!r} ends at byte {8 + length + end})")
+        entries.append((name, shape, dtype, 8 + length + begin, 8 + length + end))
+    entries.sort(key=lambda e: e[3])
+    return entries
+
+
 class _SafetensorsFiles(Source):
+    """Tensors read with plain positioned reads into fresh buffers, not memory maps: the file
+    pages stay in the page cache instead of the process's resident set, so RSS stays at the
+    tensors being merged whatever the checkpoint's size."""
+
     def __init__(self, files, label, directory=None, expected=None):
         """files: ordered paths; expected: {name: file} from an index (checked against the files)."""
         self.label, self.directory = label, directory
-        self._handles, self._where, self.meta, self.names = [], {}, {}, []
+        self._files, self._where, self.meta, self.names = [], {}, {}, []
         try:
             for path in files:
                 if not os.path.isfile(path):
                     raise ValueError(f"{label}: missing safetensors file {path}")
-                try:
-                    handle = safe_open(path, framework="pt")
-                except Exception as exc:  # truncated or corrupt header / data
-                    raise ValueError(f"{label}: cannot read {path} (missing, truncated or not safetensors): {exc}") from None
-                self._handles.append(handle)
-                size = os.path.getsize(path)
-                end = 0
-                for name in handle.keys():
+                entries = _read_header(path, label)
+                handle = open(path, "rb")
+                self._files.append(handle)
+                for name, shape, dtype, begin, end in entries:
                     if name in self._where:
                         raise ValueError(f"{label}: tensor {name!r} appears in two files")
-                    sl = handle.get_slice(name)
-                    dtype = _FROM_ST.get(sl.get_dtype())
-                    if dtype is None:
-                        raise ValueError(f"{label}: {name!r} has unsupported dtype {sl.get_dtype()}")
-                    shape = tuple(sl.get_shape())
-                    self._where[name] = handle
+                    self._where[name] = (handle, begin, end)
                     self.meta[name] = (shape, dtype)
                     self.names.append(name)
-                    end += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                if end > size:
-                    raise ValueError(f"{label}: {path} is truncated ({size} bytes, its tensors need more)")
             if expected is not None:
                 for name, file in expected.items():
                     if name not in self._where:
@@ -132,13 +161,19 @@ class _SafetensorsFiles(Source):
                 self.config = json.load(f)
 
     def get(self, name):
-        try:
-            return self._where[name].get_tensor(name)
-        except Exception as exc:
-            raise ValueError(f"{self.label}: cannot read tensor {name!r} (truncated file?): {exc}") from None
+        handle, begin, end = self._where[name]
+        shape, dtype = self.meta[name]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            handle.seek(begin)
+            if handle.readinto(buffer.numpy()) != end - begin:
+                raise ValueError(f"{self.label}: cannot read tensor {name!r}: the file is truncated")
+        return buffer.view(dtype).view(shape)
 
     def close(self):
-        self._handles.clear()
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
 
 
 class _DeltaOverBase(Source):
