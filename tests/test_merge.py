@@ -471,6 +471,9 @@ def test_yaml_errors_name_key_and_line(checkpoints, tmp_path):
     bad_density = good.replace('"density": 0.5}', '"density": 1.5}', 1)
     with pytest.raises(ConfigError, match=r"line 5: key 'density'"):
         load_config(bad_density)
+    bad_second = good.replace('"density": 0.5}', '"density": 2}', 2).replace('"density": 2}', '"density": 0.5}', 1)
+    with pytest.raises(ConfigError, match=r"line 7: key 'density'.*density\[1\]"):
+        load_config(bad_second)
     with pytest.raises(ConfigError, match=r"line 1: key 'merge_method'.*unknown merge method"):
         load_config(good.replace("ties", "slerp", 1))
     with pytest.raises(ConfigError, match=r"line \d+: key 'lines'"):

@@ -224,7 +224,13 @@ def load_config(config):
         key = {"weights": "weight", "scale": "lambda", "dtype": "out_dtype" if "out_dtype" in data else "dtype"}.get(
             argument, argument)
         mapping = data
-        for candidate in [shared, *(p for _, p in entries)] + ([data["lines"]] if isinstance(data.get("lines"), dict) else []):
+        index = message.split(":", 1)[0].partition("[")[2].rstrip("]")
+        candidates = [shared, *(p for _, p in entries)]
+        if index.isdigit() and int(index) < len(entries):  # weights[i] / density[i]: model i's, else shared
+            candidates = [entries[int(index)][1], shared]
+        if isinstance(data.get("lines"), dict):
+            candidates.append(data["lines"])
+        for candidate in candidates:
             if key in candidate:
                 mapping = candidate
                 break
