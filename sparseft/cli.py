@@ -1,4 +1,4 @@
-"""The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank]` and `sparseft merge CONFIG.yaml OUT`."""
+"""The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank]`, `sparseft merge CONFIG.yaml OUT`."""
 
 import argparse
 import json

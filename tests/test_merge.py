@@ -364,7 +364,8 @@ def test_mixed_dtypes_rule(checkpoints):
     got16 = merge.merge(base, [half, models[1]], "task_arithmetic", dtype="float16")
     assert all(t.dtype == torch.float16 for t in got16.values())
     name = "model.norm.weight"
-    ref = base[name].double() + (half[name].double() - base[name].double()) + (models[1][name].double() - base[name].double())
+    b = base[name].double()
+    ref = b + (half[name].double() - b) + (models[1][name].double() - b)
     torch.testing.assert_close(got[name].double(), ref, atol=2e-6, rtol=1e-5)
 
 

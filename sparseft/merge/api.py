@@ -124,7 +124,8 @@ class _Plan:
             result = []
             for x, d in zip(tuned, densities):
                 k = max(1, int(d * numel))
-                result.append(None if d >= 1 or k >= base_t.numel() else float(kth_largest_abs_diff([(x, base_t)], k)[0]))
+                trimmed = d < 1 and k < base_t.numel()
+                result.append(float(kth_largest_abs_diff([(x, base_t)], k)[0]) if trimmed else None)
             self._thresholds[key] = result
         return self._thresholds[key]
 

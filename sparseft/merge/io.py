@@ -241,7 +241,8 @@ def open_source(obj, label, base=None):
     if isinstance(obj, Mapping):
         return _TensorDict(_untied(obj.items()), label)
     if not isinstance(obj, (str, os.PathLike)):
-        raise TypeError(f"{label}: expected a path, a state dict, an nn.Module or a SparseDelta, got {type(obj).__name__}")
+        raise TypeError(f"{label}: expected a path, a state dict, an nn.Module or a SparseDelta, "
+                        f"got {type(obj).__name__}")
     path = os.path.abspath(os.fspath(obj))
     if os.path.isdir(path):
         index = os.path.join(path, INDEX_NAME)
@@ -385,7 +386,8 @@ class ShardWriter:
         self.directory = directory
         self.shards = plan_shards(entries, max_shard_size)
         count = len(self.shards)
-        self.files = [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.files = ([SINGLE_NAME] if count == 1
+                      else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
         self._order = [(s, e) for s, shard in enumerate(self.shards) for e in shard]
         self._position, self._file, self._shard = 0, None, -1
         self.total_size = 0

@@ -78,7 +78,8 @@ def get_method(name):
 def check_setting(setting, argument):
     """Validate a setting's structure; returns it unchanged."""
     if isinstance(setting, bool) or setting is None:
-        raise ValueError(f"{argument}: expected a number, a list of numbers or a list of {{filter, value}}, got {setting!r}")
+        raise ValueError(f"{argument}: expected a number, a list of numbers or a list of {{filter, value}}, "
+                     f"got {setting!r}")
     if isinstance(setting, (int, float)):
         if not math.isfinite(setting):
             raise ValueError(f"{argument}: must be finite, got {setting!r}")
@@ -97,7 +98,8 @@ def check_setting(setting, argument):
                     raise ValueError(f"{argument}: a condition needs 'value' (and optionally 'filter'), got {cond!r}")
                 check_setting(cond["value"], argument)
             return list(setting)
-    raise ValueError(f"{argument}: expected a number, a list of numbers or a list of {{filter, value}}, got {setting!r}")
+    raise ValueError(f"{argument}: expected a number, a list of numbers or a list of {{filter, value}}, "
+                     f"got {setting!r}")
 
 
 def evaluate_setting(setting, name, t):
