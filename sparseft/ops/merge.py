@@ -146,12 +146,14 @@ def merge_tensor_torch(base, tuned, weights, thresholds, keep_probs, cutoffs, se
         positive = ordered_sum(d) >= 0
         m = torch.where(positive, d > 0, d < 0)
         merged = ordered_sum(torch.where(m, d, zero))
-        den = ordered_sum(torch.where(m, w, zero))
+        if normalize:
+            den = ordered_sum(torch.where(m, w, zero))
+            merged = merged / torch.where(den.abs() < NORMALIZE_EPS, torch.ones_like(den), den)
     else:
         merged = ordered_sum(d)
-        den = ordered_sum(w.expand_as(d))
-    if normalize:
-        merged = merged / torch.where(den.abs() < NORMALIZE_EPS, torch.ones_like(den), den)
+        if normalize:  # m_t = 1: D = Σ_t w_t, the same for every element
+            den = ordered_sum(w)
+            merged = merged / torch.where(den.abs() < NORMALIZE_EPS, torch.ones_like(den), den)
     if consensus_k > 0:
         lam = torch.tensor(float(consensus_lam), dtype=torch.float32, device=b.device)
         votes = (d.abs() >= lam * (merged - d).abs()).sum(0)
