@@ -370,3 +370,45 @@ def test_triton_kernel_matches_the_references(case, out_dtype):
         one = merge_tensor(torch.zeros(1000), [torch.ones(1000)], weights=[1.0], keep_probs=[0.4], seeds=[SEEDS[1]],
                            index_offset=77, backend="triton")
         assert torch.equal(one != 0, dare_keep_mask(SEEDS[1], 1000, 0.4, index_offset=77))
+
+
+# ----------------------------------------------------------------------------- on a GPU
+def _gpu_params():
+    params = []
+    for name in ("cuda", "triton"):
+        if not torch.cuda.is_available():
+            reason = "no CUDA device"
+        elif name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            reason = "TRITON_INTERPRET=1 runs Triton on CPU tensors"
+        else:
+            ok, reason = _backends.availability(name, "cuda")
+            if ok:
+                ok, reason = merge_op._kernel_status(name)
+            reason = None if ok else reason
+        params.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")) if reason else name)
+    return params
+
+
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("backend", _gpu_params())
+def test_gpu_backends_match_the_references(backend, case, out_dtype):
+    """CUDA tensors: float32 within rounding of the float64 reference and of the torch reference
+    (a GPU kernel may fuse b + scale·M into one FMA); the DARE mask bit for bit."""
+    base, tuned = _inputs(shape=(7, 4099), dtypes=[torch.float32, torch.bfloat16, torch.float16])
+    base, tuned = base.cuda(), [x.cuda() for x in tuned]
+    kw = CASES[case]
+    got = merge_tensor(base, tuned, out_dtype=out_dtype, backend=backend, **kw)
+    ref = merge_tensor(base, tuned, out_dtype=out_dtype, backend="torch", **kw)
+    if out_dtype == torch.float32:
+        _assert_close_f32(got, _reference(base.cpu(), [x.cpu() for x in tuned], **kw), case)
+    torch.testing.assert_close(got, ref, rtol=1e-6 if out_dtype == torch.float32 else None,
+                               atol=1e-6 if out_dtype == torch.float32 else None)
+    n, p = 100_003, 0.37
+    one = merge_tensor(torch.zeros(n, device="cuda"), [torch.ones(n, device="cuda")], weights=[1.0], keep_probs=[p],
+                       seeds=[SEEDS[1]], index_offset=2**33, backend=backend)
+    assert torch.equal((one != 0).cpu(), dare_keep_mask(SEEDS[1], n, p, index_offset=2**33))
+    in_place = base.clone()
+    merge_tensor(in_place, tuned, out=in_place, out_dtype=torch.float32, backend=backend, **kw)
+    if out_dtype == torch.float32:
+        assert torch.equal(in_place, got)
