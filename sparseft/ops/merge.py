@@ -307,7 +307,8 @@ def _check_args(base, tuned, weights, thresholds, keep_probs, seeds, consensus, 
 
     lam, k = 0.0, 0
     if consensus is not None:
-        if isinstance(consensus, (str, bytes, torch.Tensor)) or not hasattr(consensus, "__len__") or len(consensus) != 2:
+        if (isinstance(consensus, (str, bytes, torch.Tensor)) or not hasattr(consensus, "__len__")
+                or len(consensus) != 2):
             raise TypeError(f"consensus: expected None or a pair (lam >= 0, k >= 1), got {consensus!r}")
         lam = _float_arg(consensus[0], "consensus[0] (lam)")
         if lam < 0:
