@@ -232,6 +232,8 @@ def _float_arg(value, name):
 
 
 def _per_task(values, name, T):
+    if isinstance(values, torch.Tensor) and values.dim() == 1:
+        values = values.tolist()
     if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__len__"):
         raise TypeError(f"{name}: expected a list of {T} numbers (one per tuned tensor), got {type(values).__name__}")
     values = list(values)
