@@ -286,7 +286,7 @@ def curve_rows(variants, steps, batch, seq, lr, gap, progress):
         result = run_in_subprocess("sparseft.bench.lowrank", [
             "--case", f"curve:{variant}", "--steps", str(steps), "--curve-batch", str(batch), "--curve-seq", str(seq),
             "--lr", str(lr), "--gap", str(gap)], timeout=4 * 3600, measures_memory=False)
-        rows.append(dict(bench="curve", batch=batch, seq=seq, **result, variant=variant))
+        rows.append({"bench": "curve", "batch": batch, "seq": seq, "variant": variant, **result})
         if "error" not in result:
             progress(f"      final loss (mean of the last 10) {statistics.mean(result['losses'][-10:]):.3f}, "
                      f"{result['seconds']:.0f} s")
@@ -420,9 +420,9 @@ def _parser():
                         help="comma list of refresh,step,model,curves (curves: ~1000 training steps, long)")
     parser.add_argument("--curve-variants", help=f"curves: comma list of {','.join(CURVE_VARIANTS)} (default: all)")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--curve-batch", type=int, default=4)
-    parser.add_argument("--curve-seq", type=int, default=32, help="curves: short sequences keep 1000 CPU steps in "
-                        "half an hour")
+    parser.add_argument("--curve-batch", type=int, default=2)
+    parser.add_argument("--curve-seq", type=int, default=32, help="curves: short sequences keep the 1000 steps "
+                        "under an hour on 2 CPU cores")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--gap", type=int, default=50, help="curves: update_proj_gap (refreshes inside 200 steps)")
     parser.add_argument("--ratios", help="OwLore ratios file of a step case")
