@@ -94,7 +94,9 @@ def _galore_refresh(grad, rank):
 
 
 def _refresh_settings(rank):
-    return {"default (p=8, q=2)": dict(oversample=8, power_iters=2), f"p={rank // 2}, q=2": dict(oversample=rank // 2)}
+    from sparseft.optim.lowrank_adamw import default_oversample
+    return {"p=8, q=2": dict(oversample=8, power_iters=2),
+            f"default (p={default_oversample(rank)}, q=2)": dict(oversample=default_oversample(rank), power_iters=2)}
 
 
 def refresh_rows(alpha, real_gradients, repeats, progress, shape=REFRESH_SHAPE, rank=REFRESH_RANK):

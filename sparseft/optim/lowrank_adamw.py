@@ -11,8 +11,8 @@ P on the side the group's ``proj_type`` picks ("std": right when m >= n, else le
 t counts the steps the moments have accumulated. P is refreshed from the current gradient
 before the step at step 0 and every ``update_proj_gap`` steps: the top-r singular vectors of
 G, from the randomized range finder of sparseft.linalg (``projector="randomized"``, with
-``oversample`` extra test vectors and ``power_iters`` subspace iterations, warm-started from
-the previous P and seeded from (the parameter's position over all groups, its refresh count),
+``oversample`` extra test vectors (default max(8, r/2)) and ``power_iters`` subspace iterations,
+warm-started from the previous P and seeded from (the parameter's position over all groups, its refresh count),
 so a resumed run draws the same vectors) or from the full SVD (``projector="exact"``). A
 gradient with a non-finite entry, or a factorisation that fails, keeps the previous P (the
 first refresh then falls back to a seeded random orthonormal basis); ``state["failed_refreshes"]``
@@ -124,7 +124,7 @@ def _check_options(group, where):
     if not _is_int(group["update_proj_gap"], 1):
         raise ValueError(f"{where}update_proj_gap: expected a positive int, got {group['update_proj_gap']!r}")
     for key, value in (("oversample", group["oversample"]), ("power_iters", group["power_iters"])):
-        if not _is_int(value, 0):
+        if not _is_int(value, 0) and not (key == "oversample" and value is None):
             raise ValueError(f"{where}{key}: expected an int >= 0, got {value!r}")
     if not isinstance(group["scale"], numbers.Real) or not math.isfinite(group["scale"]):
         raise ValueError(f"{where}scale: expected a finite float, got {group['scale']!r}")
@@ -173,7 +173,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         scale: factor of the back-projected update (galore's ``scale``).
         proj_type: "std" (right projector when m >= n, else left) | "left" | "right".
         projector: "randomized" (range finder, warm-started) | "exact" (full SVD).
-        oversample, power_iters: the range finder's extra test vectors and subspace iterations.
+        oversample, power_iters: the range finder's extra test vectors (None: max(8, rank // 2),
+            see ``default_oversample``) and subspace iterations.
         moments: "keep" | "reset" | "project": what a refresh does to the moments.
         layerwise: step each param from its post-accumulate-grad hook and free its gradient there.
         accumulation_steps: micro-batches per step in layerwise mode (backward passes per step()).
@@ -182,7 +183,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, update_proj_gap=200,
-                 scale=0.25, proj_type="std", projector="randomized", oversample=8, power_iters=2, moments="keep",
+                 scale=0.25, proj_type="std", projector="randomized", oversample=None, power_iters=2, moments="keep",
                  layerwise=False, accumulation_steps=1, max_grad_norm=None, backend=None):
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"backend: expected one of {_backends.BACKENDS} or None, got {backend!r}")
@@ -477,9 +478,17 @@ def _factor(grad, group, side, previous, seed):
         u, _, v = truncated_svd(grad, rank, exact=True)
         return (v if side == "right" else u).contiguous()
     matrix = grad if side == "right" else grad.T  # left vectors of G are right vectors of Gᵀ
-    _, _, v = truncated_svd(matrix, rank, oversample=group["oversample"], power_iters=group["power_iters"],
+    oversample = default_oversample(rank) if group["oversample"] is None else group["oversample"]
+    _, _, v = truncated_svd(matrix, rank, oversample=oversample, power_iters=group["power_iters"],
                             warm_start=previous, seed=seed)
     return v.contiguous()
+
+
+def default_oversample(rank):
+    """max(8, rank // 2) extra test vectors: real gradients have no spectral gap at r, and 8
+    extra vectors leave 0.96-0.99 of the exact subspace on SmolLM2-135M's gradients at r=128,
+    r/2 at least 0.9997 for 1.4x the sketch's cost (``sparseft bench lowrank``)."""
+    return max(8, rank // 2)
 
 
 def _random_basis(grad, rank, side, seed):
