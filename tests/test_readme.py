@@ -132,6 +132,36 @@ def check_sara(ns, before):
     assert moved.any() and (before[name][moved].abs() < 2e-3).all()
 
 
+def merge_inputs(tmp_path):
+    """base_dir and three fine-tunes of a small Llama, saved as Hugging Face directories."""
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "base_dir")
+    for seed, name in enumerate(("ft_a", "ft_b", "ft_c"), 1):
+        tuned = transformers.LlamaForCausalLM(config)
+        tuned.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            for p in tuned.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 1e-2)
+        tuned.save_pretrained(tmp_path / name)
+
+
+def check_merged(ns, before):
+    """Both outputs load in transformers and generate; the merge is bf16 and differs from the base."""
+    for out, dtype in (("merged_dir", torch.bfloat16), ("scaled_dir", torch.float32)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert model.dtype == dtype
+        assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    base = transformers.AutoModelForCausalLM.from_pretrained("base_dir").state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained("merged_dir").state_dict()
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert not torch.equal(base[name].bfloat16(), merged[name])
+
+
+SETUPS = {"Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": merge_inputs}
 CHECKS = {
     "Fused masked-loss cross-entropy": check_loss,
     "With a Hugging Face Trainer": check_trainer,
@@ -140,6 +170,7 @@ CHECKS = {
     "Low-rank gradient projection (GaLore-style)": check_lowrank_training,
     "Layerwise steps with gradient accumulation, and OwLore layer sampling": check_layerwise_owlore,
     "SaRA: small weights, a nuclear-norm term, progressive re-selection": check_sara,
+    "Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": check_merged,
 }
 BLOCKS = python_blocks()
 
@@ -152,6 +183,8 @@ def test_readme_has_the_checked_python_blocks():
 def test_readme_block_runs(heading, line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks save files under relative names
     ns = stand_ins(tmp_path)
+    if heading in SETUPS:
+        SETUPS[heading](tmp_path)
     before = {name: t.clone() for name, t in ns["model"].state_dict().items()}
     # Blank lines in front keep README line numbers in tracebacks.
     exec(compile("\n" * (line - 1) + code, str(README), "exec"), ns)
