@@ -66,10 +66,11 @@ cases=sparseft-triton,sparseft-cuda,gemm-limit,torch-eager,torch-linear_ce,torch
 if [ "$mode" != --more ]; then
   phase 130 "validate every backend against float64" $python -m sparseft.bench.gpu_validate --device $device $tiny \
     --json "$OUT/validate.json"
-  phase 60 "GPU tests" $python -m pytest -q -p no:cacheprovider tests/test_ce_cuda.py tests/test_sparse_linear.py \
-    tests/test_sparse_adamw.py tests/test_lowrank_adam_kernels.py tests/test_lowrank_adam_op.py -k "cuda or gpu"
+  phase 70 "GPU tests" $python -m pytest -q -p no:cacheprovider tests/test_ce_cuda.py tests/test_sparse_linear.py \
+    tests/test_sparse_adamw.py tests/test_lowrank_adam_kernels.py tests/test_lowrank_adam_op.py \
+    tests/test_merge_op.py tests/test_merge_kernels.py -k "cuda or gpu"
   # The target shape first: Llama-3 head, 8192 tokens, both GPU backends beside the peers.
-  phase 110 "benchmark: cross-entropy, $shape head" $python -m sparseft.cli bench ce --device $device --dtype $dtype \
+  phase 100 "benchmark: cross-entropy, $shape head" $python -m sparseft.cli bench ce --device $device --dtype $dtype \
     --shapes $shape --tokens $tokens --cases $cases --repeats $repeats --json "$OUT/bench_ce.json"
   phase 40 "benchmark: SparseAdamW step" $python -m sparseft.cli bench sparse --device $device --skip-model \
     --repeats $repeats --json "$OUT/bench_sparse.json"
