@@ -423,7 +423,8 @@ def startup_rows(work, progress=_stamp):
     for tool, command in (("mergekit", [exe, "--help"]),
                           ("sparseft", [sys.executable, "-m", "sparseft.cli", "merge", "--help"])):
         row[tool] = measure(command, os.path.join(work, f"startup_{tool}.log"))
-        progress(f"startup: {tool} {row[tool]['seconds']:.2f} s, peak RSS {row[tool]['peak_rss_bytes'] / 2**20:.0f} MiB")
+        progress(f"startup: {tool} {row[tool]['seconds']:.2f} s, "
+                 f"peak RSS {row[tool]['peak_rss_bytes'] / 2**20:.0f} MiB")
     return row
 
 
@@ -458,11 +459,13 @@ def table(rows):
         if r["merge"] == "startup":
             continue
         lines.append(f"{r['merge']:<22} {_sec(r, 'mergekit'):>10} {_sec(r, 'sparseft'):>10} {_sec(r, 'io_floor'):>11} "
-                     f"{_target(r, 'time_vs_mergekit'):>28} {_target(r, 'time_vs_io_floor'):>26} {_mib(r, 'mergekit'):>7} "
+                     f"{_target(r, 'time_vs_mergekit'):>28} {_target(r, 'time_vs_io_floor'):>26} "
+                     f"{_mib(r, 'mergekit'):>7} "
                      f"{_mib(r, 'sparseft'):>7} {_mib(r, 'io_floor'):>7} {_target(r, 'rss_vs_mergekit'):>26}")
     start = next((r for r in rows if r["merge"] == "startup"), None)
     if start:
-        lines.append(f"startup alone (imports, --help): mergekit {_sec(start, 'mergekit')} s / {_mib(start, 'mergekit')} "
+        lines.append(f"startup alone (imports, --help): mergekit {_sec(start, 'mergekit')} s / "
+                     f"{_mib(start, 'mergekit')} "
                      f"MiB, sparseft {_sec(start, 'sparseft')} s / {_mib(start, 'sparseft')} MiB")
     lines.append("\nagreement with the float64 reference: max error in bf16 ulps; entries over the tolerance "
                  "(1 ulp + float32 error of the summed terms)")
@@ -478,7 +481,8 @@ def table(rows):
                      f"{mk.get('over_tolerance', '-'):>8} {pair['max_abs_diff']:>15.3g} {pair['over_tolerance']:>13} "
                      f"{a.get('entries_tied_at_threshold', '-'):>11} {mk.get('over_tolerance_unexplained', '-'):>14}")
     if any(r.get("merge") == "ties" for r in rows):
-        lines.append("(ties: mergekit keeps exactly k per tensor by argsort, sparseft and the reference every |τ| at the "
+        lines.append("(ties: mergekit keeps exactly k per tensor by argsort, sparseft and the reference every |τ| "
+                     "at the "
                      "threshold; 'mk unexplained' counts mergekit's entries over the tolerance where no |τ_t| is tied "
                      "at its threshold)")
     return "\n".join(lines)
@@ -544,7 +548,8 @@ def _parser():
     parser.add_argument("--inputs", help="io_floor: comma list of input directories")
     parser.add_argument("--out", help="io_floor: output directory")
     parser.add_argument("--tiny", action="store_true", help="a few-million-parameter Llama (a smoke run)")
-    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-based fine-tunes instead of the random Llama")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="SmolLM2-135M-based fine-tunes instead of the random Llama")
     parser.add_argument("--merges", default=",".join(MERGES), help=f"comma list of {','.join(MERGES)}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (inputs, configs, logs)")
     parser.add_argument("--tmp", default=None, help="where the temporary directory goes (default: $TMPDIR)")

@@ -1,4 +1,5 @@
-"""The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank]`, `sparseft merge CONFIG.yaml OUT`."""
+"""The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank|merge]`,
+`sparseft merge CONFIG.yaml OUT`."""
 
 import argparse
 import json
@@ -63,6 +64,19 @@ def _bench_lowrank(args):
     return rows
 
 
+def _bench_merge(args, save_partial):
+    from sparseft.bench import merge
+    argv = ["--merges", args.merges] + [flag for flag, on in (("--tiny", args.tiny), ("--smollm2", args.smollm2),
+                                                             ("--keep", args.keep)) if on]
+    options = merge._parser().parse_args(argv)
+    options.on_rows = save_partial
+    rows = merge.main_rows(options, progress=_progress)
+    if args.png:
+        merge.plot(rows, args.png)
+        print(f"plot written to {args.png}")
+    return rows
+
+
 def _bench(args):
     from sparseft.bench.measure import device_name
     results = {"command": " ".join(["sparseft", *sys.argv[1:]]), "device": device_name(args.device),
@@ -81,6 +95,10 @@ def _bench(args):
         save("sparse", _bench_sparse(args))
     if args.what in ("lowrank", "all"):
         save("lowrank", _bench_lowrank(args))
+    if args.what == "merge":  # not in "all": the full merge bench takes long
+        from sparseft.bench.merge import TARGETS
+        results["merge_targets"] = TARGETS
+        save("merge", _bench_merge(args, lambda rows: save("merge", rows)))
     if args.json:
         print(f"results written to {args.json}")
     return 0
@@ -111,7 +129,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends available here, and why not").set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks against the peers (time and peak memory)")
-    bench.add_argument("what", nargs="?", default="all", choices=["ce", "sparse", "lowrank", "all"])
+    bench.add_argument("what", nargs="?", default="all", choices=["ce", "sparse", "lowrank", "merge", "all"],
+                       help="all: ce, sparse and lowrank (merge runs only when named)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     bench.add_argument("--shapes", default="smollm2", help="ce: comma list of smollm2,llama3")
@@ -119,7 +138,8 @@ def main(argv=None):
     bench.add_argument("--cases", default=None, help="ce: comma list of cases (default: all that run here)")
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--json", default="sparseft-bench.json", help="where to write the results")
-    bench.add_argument("--png", default=None, help="ce: time and memory against tokens; lowrank: the loss curves")
+    bench.add_argument("--png", default=None, help="ce: time and memory against tokens; lowrank: the loss curves; "
+                       "merge: time and RSS bars")
     bench.add_argument("--parts", default="refresh,step,model",
                        help="lowrank: comma list of refresh,step,model,curves (curves: ~1000 CPU training steps)")
     bench.add_argument("--full", action="store_true", help="sparse: both weight shapes at 1, 5 and 20%% density")
@@ -134,6 +154,12 @@ def main(argv=None):
                        help="sparse: saved LIFT masks (a MaskSet file) for --lift-step and the SmolLM2 step, not selected")
     bench.add_argument("--crossover", action="store_true",
                        help="sparse: only the SparseLinear density sweep (sampled values gradient or dense GEMM)")
+    bench.add_argument("--tiny", action="store_true", help="merge: a few-million-parameter Llama (a smoke run)")
+    bench.add_argument("--smollm2", action="store_true",
+                       help="merge: SmolLM2-135M-based fine-tunes, not the 0.5B Llama")
+    bench.add_argument("--merges", default="ties,task_arithmetic_lines,linear",
+                       help="merge: comma list of ties,task_arithmetic_lines,linear")
+    bench.add_argument("--keep", action="store_true", help="merge: keep the temporary inputs, configs and logs")
     bench.set_defaults(func=_bench)
     merge = sub.add_parser("merge", help="merge fine-tunes from a mergekit-style YAML config",
                            description=_merge_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
