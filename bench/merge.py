@@ -270,26 +270,38 @@ def _lines_lambda(name, layers):
     return LINES_ALPHA + LINES_BETA * (int(match.group(1)) / (layers - 1) if layers > 1 else 1.0)
 
 
-def reference(merge, name, base, tuned, layers):
-    """float64 result of one tensor, the magnitude of its terms (for the float32 part of the
-    tolerance), and for TIES the mask of entries where some |τ_t| equals its threshold."""
+def ties_thresholds(base, tuned):
+    """Per task: the k-th largest |τ_t| of the tensor in float64 (k = max(1, int(ρ·n))), None when k ≥ n."""
+    n = base.numel()
+    k = max(1, int(DENSITY * n))
+    if k >= n:
+        return [None] * len(tuned)
+    b = base.reshape(-1).double()
+    return [float(torch.kthvalue((x.reshape(-1).double() - b).abs(), n - k + 1).values) for x in tuned]
+
+
+def reference(merge, name, base, tuned, layers, thresholds=None):
+    """float64 result of (a chunk of) one tensor, the magnitude of its terms (for the float32 part
+    of the tolerance), and for TIES the mask of entries where some |τ_t| equals its threshold.
+    Inputs in any dtype; TIES takes the whole tensor's `thresholds` (ties_thresholds)."""
+    tuned = [x.double() for x in tuned]
     if merge == "linear":
         return sum(tuned) / len(tuned), sum(x.abs() for x in tuned) / len(tuned), None
+    base = base.double()
     taus = [x - base for x in tuned]
+    del tuned
     if merge == "task_arithmetic_lines":
         lam = _lines_lambda(name, layers)
         return base + lam * sum(taus), base.abs() + lam * sum(t.abs() for t in taus), None
-    n = base.numel()
-    k = max(1, int(DENSITY * n))
     kept, tied = [], torch.zeros(base.shape, dtype=torch.bool)
-    for tau in taus:  # d_t = w_t·[|τ_t| ≥ k-th largest |τ_t|]·τ_t, w_t = 1
-        magnitude = tau.abs()
-        if k >= n:
+    for tau, threshold in zip(taus, thresholds):  # d_t = w_t·[|τ_t| ≥ k-th largest |τ_t|]·τ_t, w_t = 1
+        if threshold is None:
             kept.append(tau)
             continue
-        threshold = torch.kthvalue(magnitude.reshape(-1), n - k + 1).values
+        magnitude = tau.abs()
         kept.append(torch.where(magnitude >= threshold, tau, torch.zeros_like(tau)))
         tied |= magnitude == threshold
+    del taus
     sign = torch.where(sum(kept) >= 0, 1.0, -1.0).to(base.dtype)  # σ = sign Σ d_t, 0 -> +
     masks = [(torch.sign(d) == sign).to(base.dtype) for d in kept]
     divisor = sum(masks)
@@ -297,10 +309,13 @@ def reference(merge, name, base, tuned, layers):
     return base + merged, base.abs() + sum(d.abs() for d in kept), tied
 
 
+CHUNK = 1 << 21  # entries per comparison step: the float64 temporaries stay ~0.5 GB
+
+
 def compare(merge, paths, outputs, progress=_stamp):
-    """Tensor by tensor: each output against the float64 reference (errors in bf16 ulps, entries
-    over the tolerance), and the two outputs against each other (max |difference|, entries more
-    than the tolerance apart)."""
+    """Tensor by tensor (in chunks): each output against the float64 reference (errors in bf16 ulps,
+    entries over the tolerance), and the two outputs against each other (max |difference|, entries
+    more than the tolerance apart)."""
     from safetensors import safe_open
     inputs = ([paths["base"]] if merge != "linear" else []) + paths["models"]
     input_files = [_files(d) for d in inputs]
@@ -311,52 +326,58 @@ def compare(merge, paths, outputs, progress=_stamp):
         result[f"{tool}_missing"] = sorted(set(names) - set(files))[:5]
         result[f"{tool}_extra"] = sorted(set(files) - set(names))[:5]
     stats = {tool: {"max_ulps": 0.0, "max_abs": 0.0, "over_1ulp": 0, "over_tolerance": 0} for tool in outputs}
+    if merge == "ties":
+        for s in stats.values():
+            s["over_tolerance_at_threshold_ties"] = 0
     pair = {"max_abs_diff": 0.0, "max_abs_diff_tensor": None, "over_tolerance": 0}
     tied_entries = 0
 
     def get(files, name):
         with safe_open(files[name], "pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name).clone()
 
     for name in names:
-        tensors = [get(files, name).double() for files in input_files]
+        tensors = [get(files, name).reshape(-1) for files in input_files]
         base, tuned = (tensors[0], tensors[1:]) if merge != "linear" else (None, tensors)
-        ref, terms, tied = reference(merge, name, base, tuned, paths["layers"])
-        del tensors, base, tuned
-        ulp = _ulp(ref)
-        tolerance = ulp + F32_TERMS * terms
-        del terms
-        result["entries"] += ref.numel()
-        if tied is not None:
-            tied_entries += int(tied.sum())
-        got = {}
-        for tool, files in out_files.items():
-            if name not in files:
-                continue
-            out = got[tool] = get(files, name).double()
-            if out.shape != ref.shape:
-                raise ValueError(f"{tool}: {name} has shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
-            err = (out - ref).abs()
-            over = err > tolerance
-            s = stats[tool]
-            if err.numel():
-                s["max_ulps"] = max(s["max_ulps"], float((err / ulp).max()))
-                s["max_abs"] = max(s["max_abs"], float(err.max()))
-            s["over_1ulp"] += int((err > ulp).sum())
-            s["over_tolerance"] += int(over.sum())
+        thresholds = ties_thresholds(base, tuned) if merge == "ties" else None
+        got = {tool: get(files, name) for tool, files in out_files.items() if name in files}
+        for tool, out in got.items():
+            if out.numel() != tensors[0].numel():
+                raise ValueError(f"{tool}: {name} has shape {tuple(out.shape)}, expected {tensors[0].numel()} entries")
+            got[tool] = out.reshape(-1)
+        result["entries"] += tensors[0].numel()
+        for start in range(0, tensors[0].numel(), CHUNK):
+            part = slice(start, start + CHUNK)
+            ref, terms, tied = reference(merge, name, None if base is None else base[part], [x[part] for x in tuned],
+                                         paths["layers"], thresholds)
+            ulp = _ulp(ref)
+            tolerance = ulp + F32_TERMS * terms
+            del terms
             if tied is not None:
-                s["over_tolerance_at_threshold_ties"] = s.get("over_tolerance_at_threshold_ties", 0) + int(
-                    (over & tied).sum())
-        if len(got) == 2:
-            a, b = got.values()
-            diff = (a - b).abs()
-            worst = float(diff.max()) if diff.numel() else 0.0
-            if worst > pair["max_abs_diff"]:
-                pair["max_abs_diff"], pair["max_abs_diff_tensor"] = worst, name
-            pair["over_tolerance"] += int((diff > tolerance).sum())
+                tied_entries += int(tied.sum())
+            outs = {}
+            for tool, out in got.items():
+                outs[tool] = out[part].double()
+                err = (outs[tool] - ref).abs()
+                over = err > tolerance
+                s = stats[tool]
+                if err.numel():
+                    s["max_ulps"] = max(s["max_ulps"], float((err / ulp).max()))
+                    s["max_abs"] = max(s["max_abs"], float(err.max()))
+                s["over_1ulp"] += int((err > ulp).sum())
+                s["over_tolerance"] += int(over.sum())
+                if tied is not None:
+                    s["over_tolerance_at_threshold_ties"] += int((over & tied).sum())
+            if len(outs) == 2:
+                a, b = outs.values()
+                diff = (a - b).abs()
+                worst = float(diff.max()) if diff.numel() else 0.0
+                if worst > pair["max_abs_diff"]:
+                    pair["max_abs_diff"], pair["max_abs_diff_tensor"] = worst, name
+                pair["over_tolerance"] += int((diff > tolerance).sum())
     for tool, s in stats.items():
         if merge == "ties":
-            s["over_tolerance_unexplained"] = s["over_tolerance"] - s.get("over_tolerance_at_threshold_ties", 0)
+            s["over_tolerance_unexplained"] = s["over_tolerance"] - s["over_tolerance_at_threshold_ties"]
         result[tool] = s
     result["mergekit_vs_sparseft"] = pair
     if merge == "ties":
