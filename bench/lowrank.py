@@ -19,6 +19,7 @@
 """
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
@@ -281,17 +282,20 @@ def model_rows(device, batch, seq, repeats, progress):
     return rows
 
 
-def curve_rows(variants, steps, batch, seq, lr, gap, progress):
-    rows = []
-    for variant in variants:
+def curve_rows(variants, steps, batch, seq, lr, gap, progress, jobs=1):
+    """One fresh process per variant, ``jobs`` at a time (losses only: the runs need not be alone)."""
+    def run(variant):
         progress(f"loss curve: {variant}, {steps} steps of batch {batch} x seq {seq}, lr {lr} ...")
         result = run_in_subprocess("sparseft.bench.lowrank", [
             "--case", f"curve:{variant}", "--steps", str(steps), "--curve-batch", str(batch), "--curve-seq", str(seq),
             "--lr", str(lr), "--gap", str(gap)], timeout=4 * 3600, measures_memory=False)
-        rows.append({"bench": "curve", "batch": batch, "seq": seq, "variant": variant, **result})
         if "error" not in result:
-            progress(f"      final loss (mean of the last 10) {statistics.mean(result['losses'][-10:]):.3f}, "
+            progress(f"      {variant}: final loss (mean of the last 10) {statistics.mean(result['losses'][-10:]):.3f}, "
                      f"{result['seconds']:.0f} s")
+        return {"bench": "curve", "batch": batch, "seq": seq, "variant": variant, **result}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(run, variants))
     full = next((r for r in rows if r["variant"] == "full_ft" and "error" not in r), None)
     for r in rows:
         if full and "error" not in r:
@@ -403,7 +407,8 @@ def main_rows(args, progress=print):
         rows += model_rows(args.device, args.batch, args.seq, args.repeats, progress)
     if "curves" in parts and not args.no_model:
         variants = args.curve_variants.split(",") if args.curve_variants else CURVE_VARIANTS
-        rows += curve_rows(variants, args.steps, args.curve_batch, args.curve_seq, args.lr, args.gap, progress)
+        rows += curve_rows(variants, args.steps, args.curve_batch, args.curve_seq, args.lr, args.gap, progress,
+                           args.curve_jobs)
     progress(f"load average at end: {os.getloadavg()}")
     print(table(rows))
     return rows
@@ -422,6 +427,8 @@ def _parser():
                         help="comma list of refresh,step,model,curves (curves: ~1000 training steps, long)")
     parser.add_argument("--curve-variants", help=f"curves: comma list of {','.join(CURVE_VARIANTS)} (default: all)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--curve-jobs", type=int, default=1, help="curves: variants run at once (set OMP_NUM_THREADS "
+                        "to cores / jobs)")
     parser.add_argument("--curve-batch", type=int, default=2)
     parser.add_argument("--curve-seq", type=int, default=32, help="curves: short sequences keep the 1000 steps "
                         "under an hour on 2 CPU cores")
