@@ -180,7 +180,7 @@ def _backend_name(tensor):
 
 
 # ----------------------------------------------------------------------------- 3. SmolLM2 step, 4. curves
-def _projected_optimizer(model, lr, moments="keep", layerwise=False, gap=GAP):
+def _projected_optimizer(model, lr, moments="project", layerwise=False, gap=GAP):
     from sparseft.optim import LowRankAdamW, lowrank_param_groups
     groups = lowrank_param_groups(model, rank=MODEL_RANK, update_proj_gap=gap, scale=1.0)
     return LowRankAdamW(groups, lr=lr, moments=moments, layerwise=layerwise)
@@ -193,7 +193,7 @@ def _setup(variant, model, _masks, lr=1e-5, ratios=None, gap=GAP):
     for p in model.parameters():
         p.requires_grad_(True)
     if variant.startswith("lowrank"):
-        moments = variant.split("_")[1] if variant.split("_")[-1] in ("keep", "reset", "project") else "keep"
+        moments = variant.split("_")[1] if variant.split("_")[-1] in ("keep", "reset", "project") else "project"
         layerwise = variant == "lowrank_layerwise"
         optimizer = _projected_optimizer(model, lr, moments, layerwise, gap)
         name = f"LowRankAdamW(r={MODEL_RANK}{', layerwise' if layerwise else ''}, {moments})"
@@ -270,7 +270,7 @@ def model_rows(device, batch, seq, repeats, progress):
             result = run_in_subprocess("sparseft.bench.lowrank", [
                 "--case", variant, "--device", str(device), "--batch", str(batch), "--seq", str(seq),
                 "--repeats", str(repeats), "--ratios", ratios_path])
-            rows.append(dict(common, variant=variant, loadavg=os.getloadavg(), **result))
+            rows.append({**common, "variant": variant, "loadavg": os.getloadavg(), **result})
             if "error" not in result:
                 progress(f"      {result['step_s']:.2f} s/step (first {result['first_step_s']:.2f} s), "
                          f"peak +{result['peak_bytes'] / 2**20:.0f} MiB")

@@ -72,6 +72,19 @@ def test_backends_agree_with_the_torch_reference(backend):
         torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", _backend_params("direction"))
+def test_direction_may_overwrite_the_gradient(backend):
+    shape = (33, 40)  # not a multiple of any vector width
+    grad, m, v = torch.randn(shape), torch.randn(shape), torch.rand(shape)
+    apart = [m.clone(), v.clone(), torch.empty(shape)]
+    lowrank_adam_direction(grad, *apart, c1=1.5, c2=2.0, backend=backend, **HYPER)
+    in_place = grad.clone()
+    moments = [m.clone(), v.clone()]
+    lowrank_adam_direction(in_place, *moments, in_place, c1=1.5, c2=2.0, backend=backend, **HYPER)
+    for ours, ref in zip([*moments, in_place], apart):
+        assert torch.equal(ours, ref)
+
+
 def test_galore_eps_placement_is_eps_times_c2():
     """galore-torch: lr·√(1−β2^t)/(1−β1^t) · m/(√v + ε) equals ours with eps = ε·c2."""
     grad, m, v = torch.randn(10, 4), torch.randn(10, 4), torch.rand(10, 4)

@@ -117,7 +117,8 @@ def _check_direction_args(grad, exp_avg, exp_avg_sq, out, beta1, beta2, c1, c2, 
 
 def lowrank_adam_direction(grad, exp_avg, exp_avg_sq, out, *, beta1, beta2, c1, c2, eps, backend=None):
     """The Adam moments of the projected gradient (in place) and the normalised direction
-    ``out`` = m̂/(√v̂ + eps), in one pass (see the module docstring)."""
+    ``out`` = m̂/(√v̂ + eps), in one pass (see the module docstring). ``out`` may be ``grad``
+    itself: every backend reads grad[i] before it writes out[i]."""
     _check_direction_args(grad, exp_avg, exp_avg_sq, out, beta1, beta2, c1, c2, eps)
     name = _resolve(grad.device, backend, "direction")
     if grad.numel():

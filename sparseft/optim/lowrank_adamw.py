@@ -31,6 +31,11 @@ refresh. At a refresh the moments follow ``moments``:
                coordinates when the old ones are uncorrelated, is non-negative by construction
                and keeps the total Σ V when both bases span the same subspace.
 
+"project" is the default: on SmolLM2-135M (100 steps of 2×32 tokens of real text, r=64, a
+refresh every 25 steps, lr 5e-5; ``sparseft bench lowrank --parts curves``) the final losses were
+project 3.460, reset 3.509, keep 3.565 against full AdamW's 3.328 (one seed; the batches are the
+same for all three).
+
 Parameters that are not projected -- groups without ``rank`` and every tensor with fewer than
 two dimensions -- take plain AdamW steps with torch.optim.AdamW's formula (decoupled weight
 decay first, then m̂/(√v̂ + ε)) through the same fused direction op, with float32 moments.
@@ -183,7 +188,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, update_proj_gap=200,
-                 scale=0.25, proj_type="std", projector="randomized", oversample=None, power_iters=2, moments="keep",
+                 scale=0.25, proj_type="std", projector="randomized", oversample=None, power_iters=2, moments="project",
                  layerwise=False, accumulation_steps=1, max_grad_norm=None, backend=None):
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"backend: expected one of {_backends.BACKENDS} or None, got {backend!r}")
@@ -313,7 +318,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         if projected:
             state["moment_step"] += 1
         c1, c2 = bias_corrections(beta1, beta2, state["moment_step" if projected else "step"])
-        direction = torch.empty_like(grad)
+        # The direction overwrites the step gradient where this step owns it (R, a clipped or
+        # converted copy, a gradient layerwise mode took): one parameter-sized buffer less.
+        borrowed = p.grad is not None and grad.data_ptr() == p.grad.data_ptr()
+        direction = torch.empty_like(grad) if borrowed else grad
         lowrank_adam_direction(grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1,
                                beta2=beta2, c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
         if projected:
