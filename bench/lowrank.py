@@ -8,8 +8,8 @@
 2. Optimizer step without a refresh, 4096x4096 r=128 and 4096x11008 r=256: galore-torch's
    GaLoreAdamW with its projector in place against LowRankAdamW (same gradient, same rank).
 3. One SmolLM2-135M training step (batch 4x128, activation checkpointing, each variant in a
-   fresh process): full AdamW, LowRankAdamW r=64 (plain and layerwise) and OwLore (gamma=5 of 30
-   blocks) + layerwise LowRankAdamW. Peak memory above the loaded model; step time with the
+   fresh process): full AdamW, LowRankAdamW r=64 (plain, layerwise, and layerwise with the tied
+   embedding projected too) and OwLore (gamma=5 of 30 blocks) + layerwise LowRankAdamW. Peak memory above the loaded model; step time with the
    refresh amortised over update_proj_gap=200 steps (the first step's extra time / 200).
 4. --parts ...,curves: 200-step loss curves on real text (bench/corpus.py) for AdamW, LowRankAdamW with
    each ``moments`` rule, and OwLore + LowRankAdamW; PNG with --png.
@@ -35,13 +35,14 @@ from sparseft.bench.measure import device_name, run_in_subprocess
 REFRESH_SHAPE, REFRESH_RANK = (4096, 4096), 128
 STEP_SHAPES = (((4096, 4096), 128), ((4096, 11008), 256))
 MODEL_RANK, GAMMA, OWLORE_INTERVAL, GAP = 64, 5, 50, 200
-STEP_VARIANTS = ("full_ft", "lowrank", "lowrank_layerwise", "owlore_lowrank")
+STEP_VARIANTS = ("full_ft", "lowrank", "lowrank_layerwise", "lowrank_layerwise_embed", "owlore_lowrank")
 CURVE_VARIANTS = ("full_ft", "lowrank_keep", "lowrank_reset", "lowrank_project", "owlore_lowrank")
 TINY = {"refresh": ((512, 512), 32), "step": ((((256, 256), 16), ((256, 704), 32)),)}  # --tiny: a smoke run
 ASSUMED_DECAY = 0.5  # --no-model: σ_i ∝ (i+1)^-0.5
 TARGETS = {
     "refresh_time_vs_galore": 0.05, "refresh_overlap": 0.99, "step_time_vs_galore": 0.8,
-    "memory_vs_full:lowrank_layerwise": 0.35, "memory_vs_full:owlore_lowrank": 0.30,
+    "memory_vs_full:lowrank_layerwise": 0.35, "memory_vs_full:lowrank_layerwise_embed": 0.35,
+    "memory_vs_full:owlore_lowrank": 0.30,
     "time_vs_full:lowrank_layerwise": 1.3, "final_loss_vs_full": 1.10,
 }
 
@@ -180,9 +181,9 @@ def _backend_name(tensor):
 
 
 # ----------------------------------------------------------------------------- 3. SmolLM2 step, 4. curves
-def _projected_optimizer(model, lr, moments="project", layerwise=False, gap=GAP):
+def _projected_optimizer(model, lr, moments="project", layerwise=False, gap=GAP, include=None):
     from sparseft.optim import LowRankAdamW, lowrank_param_groups
-    groups = lowrank_param_groups(model, rank=MODEL_RANK, update_proj_gap=gap, scale=1.0)
+    groups = lowrank_param_groups(model, rank=MODEL_RANK, include=include, update_proj_gap=gap, scale=1.0)
     return LowRankAdamW(groups, lr=lr, moments=moments, layerwise=layerwise)
 
 
@@ -194,9 +195,11 @@ def _setup(variant, model, _masks, lr=1e-5, ratios=None, gap=GAP):
         p.requires_grad_(True)
     if variant.startswith("lowrank"):
         moments = variant.split("_")[1] if variant.split("_")[-1] in ("keep", "reset", "project") else "project"
-        layerwise = variant == "lowrank_layerwise"
-        optimizer = _projected_optimizer(model, lr, moments, layerwise, gap)
-        name = f"LowRankAdamW(r={MODEL_RANK}{', layerwise' if layerwise else ''}, {moments})"
+        layerwise = variant.startswith("lowrank_layerwise")
+        embeddings = variant.endswith("_embed")  # the (tied) embedding projected too, not plain AdamW
+        optimizer = _projected_optimizer(model, lr, moments, layerwise, gap, ["embeddings"] if embeddings else None)
+        name = (f"LowRankAdamW(r={MODEL_RANK}{', layerwise' if layerwise else ''}{', +embed' if embeddings else ''}, "
+                f"{moments})")
         return {"optimizer": optimizer, "name": name, "trainable": sum(p.numel() for p in model.parameters())}
     from sparseft.optim import OwLoreSampler
     optimizer = _projected_optimizer(model, lr, layerwise=True, gap=gap)
