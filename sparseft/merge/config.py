@@ -26,8 +26,6 @@ Errors name the key and its line.
 
 import os
 
-import yaml
-
 from sparseft.merge.methods import METHOD_NAMES
 
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "lines",
@@ -51,7 +49,17 @@ class _Seq(list):
     lines = None
 
 
+def _yaml():
+    """PyYAML, imported only to read a configuration (the rest of sparseft does not need it)."""
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError("reading a merge configuration needs PyYAML: pip install pyyaml") from None
+    return yaml
+
+
 def _convert(loader, node):
+    yaml = _yaml()
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out = _Map()
@@ -71,6 +79,7 @@ def _convert(loader, node):
 
 
 def _parse_yaml(text, source):
+    yaml = _yaml()
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
