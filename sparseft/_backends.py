@@ -12,6 +12,7 @@ environment variable, then the default for the device. A backend asked for expli
 that cannot run raises with the reason; the automatic choice falls back quietly.
 """
 
+import importlib
 import os
 
 import torch
@@ -94,6 +95,38 @@ def resolve(device, implemented, requested=None):
         if name in implemented and availability(name, device_type)[0]:
             return name
     return "torch"
+
+
+def kernel_status(name, native_op=None, triton_module=None):
+    """(available, reason) of one op's own kernel on a backend the registry allows: the built
+    extension may predate the op (``native_op``, a torch.ops.sparseft_C name) and its Triton
+    module (``triton_module``) may not import."""
+    if name in ("cpu", "cuda") and native_op is not None:
+        _ext.load()
+        if not hasattr(torch.ops.sparseft_C, native_op):
+            return False, f"sparseft._C predates {native_op}; rebuild the extension"
+    if name == "triton" and triton_module is not None:
+        try:
+            importlib.import_module(triton_module)
+        except Exception as exc:
+            return False, f"{triton_module} does not import ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def resolve_checked(device, implemented, requested, op_kernel_status):
+    """``resolve``, then the op's own kernel check ``op_kernel_status(name)`` (e.g. a
+    ``kernel_status`` call): an explicit request (keyword or SPARSEFT_BACKEND) that cannot run
+    raises; the automatic choice falls back quietly to the next backend."""
+    explicit = requested is not None or bool(os.environ.get("SPARSEFT_BACKEND"))
+    candidates = list(implemented)
+    while True:
+        name = resolve(device, candidates, requested)
+        ok, reason = op_kernel_status(name)
+        if ok:
+            return name
+        if explicit:
+            raise RuntimeError(f"backend {name!r} was requested but cannot run: {reason}")
+        candidates.remove(name)
 
 
 def report():

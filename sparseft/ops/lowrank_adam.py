@@ -23,11 +23,10 @@ applies the decay, the scale and the rounding.
 """
 
 import math
-import os
 
 import torch
 
-from sparseft import _backends, _ext
+from sparseft import _backends
 
 IMPLEMENTED = ("torch", "cpu", "triton", "cuda")
 SIDES = ("left", "right")
@@ -44,33 +43,12 @@ def bias_corrections(beta1, beta2, step):
 
 # ----------------------------------------------------------------------------- dispatch
 def _kernel_status(name, op):
-    """(available, reason) of this op's own kernel on a backend the registry allows: the
-    extension may predate the op, and the Triton module may not exist yet."""
-    if name in ("cpu", "cuda") and op == "direction":
-        _ext.load()
-        if not hasattr(torch.ops.sparseft_C, "lowrank_adam_direction"):
-            return False, "sparseft._C predates lowrank_adam_direction; rebuild the extension"
-    if name == "triton":
-        try:
-            import sparseft.kernels.lowrank_adam  # noqa: F401
-        except Exception as exc:
-            return False, f"sparseft.kernels.lowrank_adam does not import ({type(exc).__name__}: {exc})"
-    return True, ""
+    native = "lowrank_adam_direction" if op == "direction" else None  # the update is addmm on cpu/cuda
+    return _backends.kernel_status(name, native_op=native, triton_module="sparseft.kernels.lowrank_adam")
 
 
 def _resolve(device, requested, op):
-    """The registry's choice, then this op's kernel check: an explicit request (keyword or
-    SPARSEFT_BACKEND) that cannot run raises; the automatic choice falls back quietly."""
-    explicit = requested is not None or bool(os.environ.get("SPARSEFT_BACKEND"))
-    candidates = list(IMPLEMENTED)
-    while True:
-        name = _backends.resolve(device, candidates, requested)
-        ok, reason = _kernel_status(name, op)
-        if ok:
-            return name
-        if explicit:
-            raise RuntimeError(f"backend {name!r} was requested but cannot run: {reason}")
-        candidates.remove(name)
+    return _backends.resolve_checked(device, IMPLEMENTED, requested, lambda name: _kernel_status(name, op))
 
 
 # ----------------------------------------------------------------------------- direction

@@ -51,11 +51,10 @@ import hashlib
 import json
 import math
 import operator
-import os
 
 import torch
 
-from sparseft import _backends, _ext
+from sparseft import _backends
 
 IMPLEMENTED = ("torch", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,33 +164,11 @@ def merge_tensor_torch(base, tuned, weights, thresholds, keep_probs, cutoffs, se
 
 # ----------------------------------------------------------------------------- dispatch
 def _kernel_status(name):
-    """(available, reason) of this op's own kernel on a backend the registry allows: the
-    extension may predate the op, and the Triton module may not exist yet."""
-    if name in ("cpu", "cuda"):
-        _ext.load()
-        if not hasattr(torch.ops.sparseft_C, "merge_tensor"):
-            return False, "sparseft._C predates merge_tensor; rebuild the extension"
-    if name == "triton":
-        try:
-            import sparseft.kernels.merge  # noqa: F401
-        except Exception as exc:
-            return False, f"sparseft.kernels.merge does not import ({type(exc).__name__}: {exc})"
-    return True, ""
+    return _backends.kernel_status(name, native_op="merge_tensor", triton_module="sparseft.kernels.merge")
 
 
 def _resolve(device, requested):
-    """The registry's choice, then this op's kernel check: an explicit request (keyword or
-    SPARSEFT_BACKEND) that cannot run raises; the automatic choice falls back quietly."""
-    explicit = requested is not None or bool(os.environ.get("SPARSEFT_BACKEND"))
-    candidates = list(IMPLEMENTED)
-    while True:
-        name = _backends.resolve(device, candidates, requested)
-        ok, reason = _kernel_status(name)
-        if ok:
-            return name
-        if explicit:
-            raise RuntimeError(f"backend {name!r} was requested but cannot run: {reason}")
-        candidates.remove(name)
+    return _backends.resolve_checked(device, IMPLEMENTED, requested, _kernel_status)
 
 
 def _native(*args):
