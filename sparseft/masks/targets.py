@@ -48,7 +48,7 @@ def _split_include(include):
     return categories, patterns
 
 
-def _is_linear(module):
+def is_linear(module):
     # SparseLinear (sparseft.sparsify) replaces nn.Linear but keeps a dense 2-D `weight`.
     return isinstance(module, nn.Linear) or (
         hasattr(module, "weight_indices") and getattr(module, "weight", None) is not None and module.weight.dim() == 2
@@ -77,7 +77,7 @@ def _module_categories(model):
             else:
                 category = None
             categories[name] = category
-            if param_name == "weight" and category is None and _is_linear(module):
+            if param_name == "weight" and category is None and is_linear(module):
                 linear_weights.add(name)
     return categories, linear_weights
 

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 
 import torch
 
-from sparseft.masks.targets import block_index, compile_patterns, select_targets
+from sparseft.masks.targets import block_index, compile_patterns, is_linear, select_targets
 
 __all__ = ["DEFAULT_THRESHOLD", "OwLoreSampler", "block_parameters", "outlier_ratios"]
 
@@ -98,7 +98,7 @@ def _block_linears(model, blocks, targets, include):
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else None
         block = block_index(name)
-        if leaf != "weight" or not _is_linear(module) or block is None:
+        if leaf != "weight" or not is_linear(module) or block is None:
             misplaced.append(name)
         else:
             linears.setdefault(block, []).append((module_name, module))
@@ -109,11 +109,6 @@ def _block_linears(model, blocks, targets, include):
     if missing:
         raise ValueError(f"targets: blocks {missing} have no targeted Linear weight, so no outlier ratio")
     return dict(sorted(linears.items()))
-
-
-def _is_linear(module):
-    # SparseLinear keeps the dense weight it trains, so its A is the same.
-    return isinstance(module, torch.nn.Linear) or hasattr(module, "weight_indices")
 
 
 def _nonempty(batches):
