@@ -14,6 +14,8 @@ from sparseft.optim.owlore import DEFAULT_THRESHOLD, block_parameters
 
 transformers = pytest.importorskip("transformers")
 
+from test_trainer import _Cycle  # noqa: E402  the Trainer tests' cycling token dataset
+
 VOCAB, WIDTH, HIDDEN = 32, 8, 12
 
 
@@ -292,21 +294,6 @@ def test_deactivated_blocks_release_their_optimizer_state(setup):
 
 
 # ----------------------------------------------------------------------------- Trainer
-_CYCLE = torch.tensor([5, 9, 23, 41, 77, 100, 3, 64])
-
-
-class _Cycle(torch.utils.data.Dataset):
-    def __init__(self, count=64, length=32):
-        phase = torch.randint(0, len(_CYCLE), (count, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = _CYCLE[(phase + torch.arange(length)) % len(_CYCLE)]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 class _FrozenBlocksStayPut(transformers.TrainerCallback):
     """Snapshots the blocks' weights when a step begins (after OwLoreCallback has chosen) and
     records inactive blocks that changed, and active ones that did not, when it ends."""
