@@ -115,14 +115,13 @@ def _measure(rank=64, seeds=(0, 1, 2), layers=(0, 15), batch=4, seq=128):
     two weights; overlaps of the basis LowRankAdamW projects on (right when m >= n, else left)."""
     import os
 
-    from transformers import AutoTokenizer
-
-    from sparseft.bench.sparse import GGUF_FILE, gguf_model_dir, load_model
+    from sparseft.bench.corpus import tokenizer
+    from sparseft.bench.sparse import load_model
 
     model = load_model("cpu", torch.float32)
     readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
     with open(readme) as f:
-        ids = AutoTokenizer.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE)(f.read())["input_ids"]
+        ids = tokenizer()(f.read())["input_ids"]
     blocks = [model.model.layers[i] for i in layers]
     modules = {f"layers.{i}.{name}": getattr(getattr(block, part), name) for i, block in zip(layers, blocks)
                for part, name in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),

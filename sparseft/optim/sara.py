@@ -274,16 +274,15 @@ def _measure(steps=20, fraction=0.1, lr=5e-4, ranks=(16, 64, 256), layers=(0, 15
     mask of the rank-k subgradient against the exact one, and of it against the exact top-k."""
     import os
 
-    from transformers import AutoTokenizer
-
     import sparseft
-    from sparseft.bench.sparse import GGUF_FILE, gguf_model_dir, load_model
+    from sparseft.bench.corpus import tokenizer
+    from sparseft.bench.sparse import load_model
     from sparseft.optim import SparseAdamW
 
     model = load_model("cpu", torch.float32)
     readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
     with open(readme) as f:
-        ids = AutoTokenizer.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE)(f.read())["input_ids"]
+        ids = tokenizer()(f.read())["input_ids"]
     sparseft.sparsify(model, sara(model, fraction=fraction))
     optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     penalty = NuclearNormPenalty(model, weight=5e-4, per_step="one")
