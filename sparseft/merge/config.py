@@ -149,12 +149,17 @@ def load_config(config):
     if data.get("tokenizer_source") not in (None, "base"):
         fail(data, "tokenizer_source", "only 'base' is supported (the base's tokenizer files are copied)")
 
-    shared = data.get("parameters") or _Map()
-    if not isinstance(shared, dict):
-        fail(data, "parameters", "expected a mapping")
-    for key in shared:
-        if key not in _SHARED:
-            fail(shared, key, f"unknown parameter (expected one of {', '.join(sorted(_SHARED))})")
+    def parameters(parent, allowed, unknown):
+        """parent's "parameters" mapping (empty when absent), every key checked against allowed."""
+        params = parent.get("parameters") or _Map()
+        if not isinstance(params, dict):
+            fail(parent, "parameters", "expected a mapping")
+        for key in params:
+            if key not in allowed:
+                fail(params, key, unknown)
+        return params
+
+    shared = parameters(data, _SHARED, f"unknown parameter (expected one of {', '.join(sorted(_SHARED))})")
 
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
@@ -170,12 +175,8 @@ def load_config(config):
                 fail(entry, key, f"unknown key in models[{i}] (expected model, parameters)")
         if not isinstance(entry["model"], str):
             fail(entry, "model", "expected a path")
-        params = entry.get("parameters") or _Map()
-        if not isinstance(params, dict):
-            fail(entry, "parameters", "expected a mapping")
-        for key in params:
-            if key not in _MODEL_PARAMS:
-                fail(params, key, f"unknown per-model parameter (expected {', '.join(sorted(_MODEL_PARAMS))})")
+        params = parameters(entry, _MODEL_PARAMS,
+                            f"unknown per-model parameter (expected {', '.join(sorted(_MODEL_PARAMS))})")
         if base is not None and entry["model"] == base and method != "linear":
             continue  # mergekit lets the base appear among the models; it is not a task
         entries.append((entry, params))
