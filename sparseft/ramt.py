@@ -124,7 +124,9 @@ class RAMTLinear(nn.Module):
     """An nn.Linear whose frozen ``weight`` is masked at ``score_indices`` by
     ``1[scores > threshold]`` (see the module docstring). ``scores`` (float32 [nnz]) is the only
     trainable tensor; state dict keys are ``weight``, ``bias``, ``score_indices`` and ``scores``.
-    ``masking = False`` computes with the unmasked weight, i.e. as the frozen model."""
+    ``masking = False`` computes with the unmasked weight, i.e. as the frozen model. ``threshold``
+    is a plain attribute (not in the state dict): rebuild with the same ``ramt(...)`` call before
+    loading a checkpoint."""
 
     def __init__(self, weight, bias, indices, init=DEFAULT_INIT, threshold=DEFAULT_THRESHOLD, backend=None):
         super().__init__()

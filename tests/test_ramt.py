@@ -327,3 +327,36 @@ def test_tied_weights_are_refused():
     with pytest.raises(ValueError, match="tied"):
         ramt(model, masks={"layers.0.up.weight": _mask(128, 3)})
     assert not any(isinstance(m, RAMTLinear) for m in model.modules())  # nothing half-done
+
+
+def test_hugging_face_llama_with_lift_masks():
+    transformers = pytest.importorskip("transformers")
+    from sparseft.masks import lift
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    ramt(model, masks=lift(model, density=0.1, rank=4))
+    layers = [m for m in model.modules() if isinstance(m, RAMTLinear)]
+    assert len(layers) == 14 and not isinstance(model.lm_head, RAMTLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)  # scores start above the threshold
+    for layer in layers:
+        _spread_scores(layer)
+    out = model(ids, labels=ids)
+
+    def teacher():
+        with ramt_unmasked(model):
+            return model(ids).logits
+    ramt_backward(model, out.loss + ramt_penalty(model), ramt_kl(out.logits, teacher),
+                  generator=torch.Generator().manual_seed(0))
+    assert all(layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0 for layer in layers)
+    with torch.no_grad():
+        masked = model(ids).logits
+    ramt_merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked)
+    assert set(model.state_dict()) == set(transformers.LlamaForCausalLM(config).state_dict())
