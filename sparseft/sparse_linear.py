@@ -18,6 +18,17 @@ from there on with a dense GEMM into a temporary [out, in] float32 gradient, fre
 gather (none for a full mask), so a dense mask costs what a dense layer does. Gradients of
 several backward passes accumulate in ``weight_values.grad`` as usual.
 
+Under FSDP2 (``fully_shard`` after ``sparsify``, then the optimizer) both Parameters are sharded
+on dim 0 like any other: the frozen ``weight`` rows and the compact ``weight_values`` entries
+(``weight_indices`` is a buffer, kept whole on every rank). The sharded ``weight`` then keeps the
+weights as they were at sharding, the trained entries live in ``weight_values`` alone, and each
+forward and backward writes the all-gathered values into the all-gathered weight before using
+it (``values_in_forward``, set by SparseAdamW when it finds the values sharded). So per rank a
+layer costs 1/world of the dense weight, of the values and of their optimizer state, plus the
+indices; what is all-gathered per use is the weight and the values, and the compact gradient
+is reduce-scattered. ``SparseDelta``/``unsparsify`` of the gathered module give the trained
+weights.
+
 Dtypes. Without autocast every tensor keeps the layer's dtype. Under ``torch.autocast`` with
 dtype ``c`` (e.g. bf16 on CPU): input, weight and bias are cast to ``c`` for the forward GEMM,
 the output is ``c``, the saved input is the ``c`` copy (as nn.Linear under autocast);
@@ -25,6 +36,8 @@ grad_input is computed in ``c`` and returned in the input's dtype; the values' g
 accumulated in float32 from ``c`` operands and stored in the values' dtype; grad_bias is
 summed in float32 and stored in the bias dtype.
 """
+
+import weakref
 
 import torch
 from torch import nn
@@ -55,20 +68,25 @@ class _SparseLinearFunction(torch.autograd.Function):
     ``dense_gemm`` picks how the values' gradient is computed (see SparseLinear.uses_dense_gemm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, values, bias, indices, backend, dense_gemm):
+    def forward(ctx, x, weight, values, bias, indices, backend, dense_gemm, values_in_weight):
+        if values_in_weight:
+            _write_values(weight, values, indices)
         dtype = _compute_dtype(x)
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = nn.functional.linear(x_c, w_c, b_c)
-        ctx.save_for_backward(x_c, weight, indices)
+        ctx.save_for_backward(x_c, weight, indices, values if values_in_weight else None)
+        ctx.values_in_weight = values_in_weight
         ctx.x_dtype, ctx.values_dtype, ctx.backend, ctx.dense_gemm = x.dtype, values.dtype, backend, dense_gemm
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_c, weight, indices = ctx.saved_tensors
+        x_c, weight, indices, values = ctx.saved_tensors
+        if ctx.values_in_weight:  # FSDP2 gathers the weight afresh for backward
+            _write_values(weight, values, indices)
         need_x, _, need_values, need_bias = ctx.needs_input_grad[:4]
         dy = grad_out.to(x_c.dtype).reshape(-1, grad_out.shape[-1])
         grad_x = grad_values = grad_bias = None
@@ -80,7 +98,28 @@ class _SparseLinearFunction(torch.autograd.Function):
                            else sampled_grad_2d(dy, x_2d, indices, ctx.backend)).to(ctx.values_dtype)
         if need_bias:
             grad_bias = dy.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_values, grad_bias, None, None, None
+        return grad_x, None, grad_values, grad_bias, None, None, None, None
+
+
+def _write_values(weight, values, indices):
+    with torch.no_grad():
+        weight.view(-1).index_copy_(0, indices.long(), values.detach().to(weight.dtype))
+
+
+_LIVE = weakref.WeakSet()  # every SparseLinear, to find the module of a values Parameter FSDP2 replaced
+
+
+def module_of_values(param):
+    """The SparseLinear whose ``weight_values`` is ``param``, or None. Parameters lose their
+    attributes when a wrapper (FSDP2) replaces them; the lookup re-tags them."""
+    module = getattr(param, "_sparseft_module", None)
+    if module is not None:
+        return module
+    for candidate in list(_LIVE):
+        if candidate._parameters.get("weight_values") is param:
+            param._sparseft_module = candidate
+            return candidate
+    return None
 
 
 class SparseLinear(nn.Module):
@@ -94,6 +133,7 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.backend = backend
         self.dense_gemm_min_density = None
+        self.values_in_forward = False
         self._weight_requires_grad = weight.requires_grad
         weight.requires_grad_(False)
         self.weight = weight
@@ -102,6 +142,7 @@ class SparseLinear(nn.Module):
         self.weight_values = nn.Parameter(weight.detach().view(-1)[self.weight_indices].clone())
         self.weight_values._sparseft_module = self
         self.register_load_state_dict_post_hook(SparseLinear._after_load)
+        _LIVE.add(self)
 
     @classmethod
     def from_linear(cls, linear, indices, backend=None):
@@ -127,7 +168,7 @@ class SparseLinear(nn.Module):
     def forward(self, x):
         backend = resolve_backend(x.device, self.backend)
         return _SparseLinearFunction.apply(x, self.weight, self.weight_values, self.bias, self.weight_indices,
-                                           backend, self.uses_dense_gemm(backend))
+                                           backend, self.uses_dense_gemm(backend), self.values_in_forward)
 
     @torch.no_grad()
     def reindex_(self, new_indices):
@@ -161,7 +202,9 @@ class SparseLinear(nn.Module):
     def __setstate__(self, state):
         # deepcopy and pickling rebuild Parameters without their attributes.
         super().__setstate__(state)
+        self.__dict__.setdefault("values_in_forward", False)
         self.weight_values._sparseft_module = self
+        _LIVE.add(self)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -18,21 +18,34 @@ join at ``update_masks`` start from zero moments with exactly the bias correctio
 fresh AdamW, while surviving entries keep their moments and counts. Entries outside the
 masks are never written (weight decay included). ``state_dict`` holds only tensors and
 plain values (``torch.load(weights_only=True)`` reads it) and resume is bit-exact.
+
+Distributed. Under DDP every rank steps the same all-reduced gradients, as torch's AdamW does.
+Under FSDP2 (build the optimizer after ``fully_shard``) a parameter is a DTensor sharded on
+dim 0; masks stay in full-tensor coordinates and each rank keeps, in local coordinates, the
+entries in its rows (see sparseft.distributed), with their moments: state and step work per
+rank fall with the world size. Compact ``weight_values`` sharded by FSDP2 are stepped shard by
+shard and reach the weight in the forward (see sparseft.sparse_linear). With torch.distributed
+initialised, construction is collective: every rank checks its masks, all raise if any fails,
+and masks that differ between ranks are an error (three numbers per mask are all-gathered).
+``state_dict()`` is then collective too and holds the state in full-tensor coordinates,
+gathered from the shards (so it equals a single-process checkpoint and loads at any world
+size, e.g. through torch.distributed.checkpoint); each rank holds the gathered compact state
+of one parameter at a time while building it.
 """
 
 import torch
 
 from sparseft import _backends
+from sparseft import distributed as _dist
 from sparseft.masks._validate import mask_dtype, validate_mask
 from sparseft.optim._hyper import check_adamw_hyper
 from sparseft.optim._sparse_adamw_backends import sparse_adamw_step
+from sparseft.sparse_linear import module_of_values
 
 _STATE_KEYS = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
 
 
-def _module_of(param):
-    """The sparse module a compact ``weight_values`` parameter belongs to, else None."""
-    return getattr(param, "_sparseft_module", None)
+_module_of = module_of_values  # the sparse module a compact ``weight_values`` parameter belongs to, else None
 
 
 class _MaskLookup:
@@ -108,6 +121,7 @@ class SparseAdamW(torch.optim.Optimizer):
                         weight_decay=weight_decay)
         check_adamw_hyper(defaults, "")
         self.backend = backend
+        self._shards = {}  # DTensor param -> its RowShard
         self._init_masks = _MaskLookup(masks, "masks")
         self._n_params = 0
         super().__init__(params, defaults)
@@ -120,9 +134,11 @@ class SparseAdamW(torch.optim.Optimizer):
         group_lookup = _MaskLookup(param_group.pop("masks", None), f"param_groups[{len(self.param_groups)}]['masks']")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        error = None
         try:
             check_adamw_hyper(group, f"param_groups[{len(self.param_groups) - 1}]: ")
-            states = []
+            _check_one_kind(group["params"], len(self.param_groups) - 1)
+            states, full_masks = [], []
             init_lookup = getattr(self, "_init_masks", None)
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
@@ -136,13 +152,31 @@ class SparseAdamW(torch.optim.Optimizer):
                             raise ValueError(f"{name}: a mask is given both in masks and in its param group")
                         mask = init_mask
                 states.append(self._initial_state(p, mask, name))
+                module = _module_of(p)
+                full = module.weight_indices if module is not None else mask
+                if full is not None:
+                    full_masks.append((name, full))
             group_lookup.finish(len(group["params"]))
-        except Exception:
+        except Exception as exc:
+            error = exc
+        # Collective when distributed: a rank that failed a check makes every rank raise.
+        agreed = _dist.agree_on_error(None if error is None else f"{type(error).__name__}: {error}")
+        if agreed is None:
+            try:
+                _dist.same_on_all_ranks(full_masks)
+            except ValueError as exc:
+                error = exc
+        if error is not None or agreed is not None:
             self.param_groups.pop()
-            raise
+            if error is not None:
+                raise error
+            raise ValueError(agreed)
         for p, state in zip(group["params"], states):
             if state is not None:
                 self.state[p] = state
+            module = _module_of(p)
+            if module is not None and _dist.is_sharded(p):
+                module.values_in_forward = True
         self._n_params += len(group["params"])
 
     @staticmethod
@@ -150,8 +184,8 @@ class SparseAdamW(torch.optim.Optimizer):
         names = group.get("param_names")
         return names[i] if names is not None else f"params[{position}]"
 
-    @staticmethod
-    def _initial_state(p, mask, name):
+    def _initial_state(self, p, mask, name):
+        """The state of ``p`` before its first step: its mask, local to this rank's shard."""
         module = _module_of(p)
         if module is not None:
             if mask is not None:
@@ -159,14 +193,21 @@ class SparseAdamW(torch.optim.Optimizer):
                                  "its masks entry must be None")
             _check_module(p, module, name)
             validate_mask(module.weight_indices, module.weight.numel(), name)
-            return {"indices": module.weight_indices}
-        if mask is None and not p.requires_grad:
+            if not _dist.is_sharded(p):
+                return {"indices": module.weight_indices}
+        elif mask is None and not p.requires_grad:
             return None
-        _check_dense_param(p, name)
-        if mask is None:  # trainable without a mask: dense AdamW, as a mask of every entry
-            return {"indices": torch.arange(p.numel(), dtype=mask_dtype(p.numel()), device=p.device)}
-        validate_mask(mask, p.numel(), name)
-        return {"indices": mask.to(p.device)}
+        else:
+            _check_dense_param(p, name)
+            if mask is not None:
+                validate_mask(mask, p.numel(), name)
+        if not _dist.is_sharded(p):  # trainable without a mask: dense AdamW, as a mask of every entry
+            return {"indices": (_every_entry(p.numel(), p.numel(), p.device) if mask is None else mask.to(p.device))}
+        shard = self._shards[p] = _dist.row_shard(p, name)
+        device = _dist.local(p).device
+        if module is not None or mask is None:  # a shard of compact values, or every entry of the rows
+            return {"indices": _every_entry(_dist.local(p).numel(), p.numel(), device)}
+        return {"indices": shard.local_mask(mask.to(device))}
 
     # ----------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -182,9 +223,9 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    target, values, state = self._prepare(p, lambda: self._name(group, i, position + i))
+                    target, grad, values, state = self._prepare(p, lambda: self._name(group, i, position + i))
                     try:
-                        sparse_adamw_step(target, state["indices"], p.grad, state["exp_avg"], state["exp_avg_sq"],
+                        sparse_adamw_step(target, state["indices"], grad, state["exp_avg"], state["exp_avg_sq"],
                                           state["step"], values, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                           weight_decay=group["weight_decay"], backend=self.backend)
                     except (TypeError, ValueError) as exc:  # argument checks run before the kernel
@@ -193,8 +234,9 @@ class SparseAdamW(torch.optim.Optimizer):
         return loss
 
     def _prepare(self, p, name_of):
-        """(target, values, state) for one step of ``p``; creates the moments on first use.
-        ``name_of()`` names ``p`` in errors (built only when one is raised)."""
+        """(target, gradient, values, state) for one step of ``p`` (local shards under FSDP2);
+        creates the moments on first use. ``name_of()`` names ``p`` in errors (built only when
+        one is raised)."""
         state = self.state.get(p)
         if not state:
             raise ValueError(f"{name_of()} has a gradient but no mask: it was frozen without a mask when the optimizer "
@@ -203,7 +245,13 @@ class SparseAdamW(torch.optim.Optimizer):
             raise TypeError(f"{name_of()}: sparse COO gradients are not supported; SparseAdamW gathers dense or "
                             "compact gradients")
         module = _module_of(p)
-        if module is not None:
+        if module is not None and module._parameters.get("weight_values") is not p:
+            raise ValueError(f"{name_of()}: its module's weight_values is no longer this parameter: a wrapper "
+                             "(fully_shard?) replaced it after the optimizer was built; build the optimizer "
+                             "after sharding: fully_shard(model), then SparseAdamW(model.parameters())")
+        if p in self._shards:
+            target, values = _dist.local(p), None  # compact values step shard by shard
+        elif module is not None:
             indices = module.weight_indices
             if indices is not state["indices"]:
                 if indices.shape != state["indices"].shape:
@@ -213,6 +261,9 @@ class SparseAdamW(torch.optim.Optimizer):
             target, values = module.weight, p
         else:
             target, values = p, None
+        if _dist.is_sharded(p) and p not in self._shards:
+            raise ValueError(f"{name_of()} became a DTensor after the optimizer was built: build the optimizer "
+                             "after sharding: fully_shard(model), then SparseAdamW(model.parameters())")
         if state["indices"].device != target.device:
             state["indices"] = state["indices"].to(target.device)
         if "exp_avg" not in state:
@@ -222,7 +273,7 @@ class SparseAdamW(torch.optim.Optimizer):
         elif state["exp_avg"].device != target.device:
             for key in _STATE_KEYS:
                 state[key] = state[key].to(target.device)
-        return target, values, state
+        return target, _dist.local(p.grad), values, state
 
     def release_state(self, params):
         """Drop the moments and step counts of ``params`` (e.g. frozen by OwLore), keeping their
@@ -254,13 +305,18 @@ class SparseAdamW(torch.optim.Optimizer):
                     module = _module_of(p)
                     if module is None:
                         _check_dense_param(p, name)
+                    elif p in self._shards:
+                        raise ValueError(f"{name}: a sparsified layer sharded by FSDP2 keeps its mask (its values "
+                                         "are sharded by entry count); re-sparsify before sharding instead")
                     validate_mask(mask, (module.weight if module is not None else p).numel(), name)
                     changes.append((p, module, mask))
             position += len(group["params"])
         lookup.finish(position)
         for p, module, mask in changes:
-            device = (module.weight if module is not None else p).device
+            device = _dist.local(module.weight if module is not None else p).device
             mask = mask.to(device)
+            if p in self._shards:
+                mask = self._shards[p].local_mask(mask)
             state = self.state.get(p) or {}
             new_state = {"indices": mask}
             if "exp_avg" in state:
@@ -273,6 +329,36 @@ class SparseAdamW(torch.optim.Optimizer):
             self.state[p] = new_state
 
     # ----------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        """torch's state dict; with sharded params (collective then) their state in full-tensor
+        coordinates, gathered from the shards, so it loads at any world size."""
+        saved = super().state_dict()
+        if self._shards:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, p in enumerate(params):
+                if p in self._shards and index in saved["state"]:
+                    saved["state"][index] = self._gathered(p, saved["state"][index])
+        return saved
+
+    def _gathered(self, p, entry):
+        shard, module = self._shards[p], _module_of(p)
+        if module is not None:
+            full = {"indices": module.weight_indices}
+        else:
+            local = entry["indices"]
+            full = {"indices": _dist.gather_rows(local + torch.tensor(shard.lo, dtype=local.dtype), shard)}
+        full.update((key, _dist.gather_rows(entry[key], shard)) for key in _STATE_KEYS if key in entry)
+        return full
+
+    def _localized(self, p, full):
+        """A full-coordinate state entry cut to this rank's shard of ``p``."""
+        shard, module = self._shards[p], _module_of(p)
+        first, last = (shard.start, shard.stop) if module is not None else shard.mask_slice(full["indices"])
+        local = {"indices": (_every_entry(last - first, p.numel(), full["indices"].device) if module is not None
+                             else full["indices"][first:last] - shard.lo)}
+        local.update((key, full[key][first:last].clone()) for key in _STATE_KEYS if key in full)
+        return local
+
     def load_state_dict(self, state_dict):
         """Load a checkpoint; every saved entry is validated before anything changes.
 
@@ -290,14 +376,21 @@ class SparseAdamW(torch.optim.Optimizer):
         adopted = {}
         for position, (pid, p) in enumerate(zip(saved_ids, params)):
             if pid in state_dict["state"]:
-                adopted[p] = _adopt_state(p, state_dict["state"][pid], names[position] or f"params[{position}]")
+                name = names[position] or f"params[{position}]"
+                adopted[p] = _adopt_state(p, state_dict["state"][pid], name)
+                if p in self._shards:
+                    module = _module_of(p)
+                    if module is not None and not torch.equal(adopted[p]["indices"], module.weight_indices):
+                        raise ValueError(f"state_dict: {name} was saved with another mask than its sharded "
+                                         "layer's; load the model's checkpoint (with its mask) before sharding")
+                    adopted[p] = self._localized(p, adopted[p])
         previous = dict(self.state)
         super().load_state_dict({**state_dict, "state": {}})
         for p in params:
             if p in adopted:
                 state = adopted[p]
                 module = _module_of(p)
-                if module is not None:
+                if module is not None and p not in self._shards:
                     current = module.weight_indices
                     if current.shape != state["indices"].shape or not torch.equal(current, state["indices"]):
                         module.reindex_(state["indices"])
@@ -305,6 +398,18 @@ class SparseAdamW(torch.optim.Optimizer):
                 self.state[p] = state
             elif previous.get(p):
                 self.state[p] = {"indices": previous[p]["indices"]}
+
+
+def _every_entry(count, numel, device):
+    """The mask of every entry of a tensor (or shard) of ``count`` entries, in a tensor of ``numel``."""
+    return torch.arange(count, dtype=mask_dtype(numel), device=device)
+
+
+def _check_one_kind(params, group_index):
+    kinds = {_dist.is_sharded(p) for p in params}
+    if len(kinds) > 1:
+        raise ValueError(f"param_groups[{group_index}] mixes DTensor (FSDP2-sharded) and plain tensors: shard the "
+                         "whole model (or none of it) before building the optimizer")
 
 
 def _check_module(p, module, name):
@@ -339,7 +444,8 @@ def _adopt_state(p, entry, name):
     module = _module_of(p)
     target = module.weight if module is not None else p
     validate_mask(entry["indices"], target.numel(), f"state_dict: {name} indices")
-    state = {"indices": entry["indices"].to(target.device, copy=True)}
+    device = _dist.local(target).device
+    state = {"indices": entry["indices"].to(device, copy=True)}
     present = [k for k in _STATE_KEYS if k in entry]
     if present and len(present) != len(_STATE_KEYS):
         raise ValueError(f"state_dict: the state of {name} has {present}, expected all of {list(_STATE_KEYS)}")
@@ -348,5 +454,5 @@ def _adopt_state(p, entry, name):
         t = entry[key]
         if not isinstance(t, torch.Tensor) or t.dtype != _STATE_KEYS[key] or t.shape != (nnz,):
             raise ValueError(f"state_dict: {name} {key} must be a {_STATE_KEYS[key]} tensor of shape ({nnz},)")
-        state[key] = t.to(target.device, copy=True)
+        state[key] = t.to(device, copy=True)
     return state

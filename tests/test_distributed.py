@@ -1,0 +1,213 @@
+"""The optimizers and sparse layers under torch.distributed: DDP and FSDP2 on 2 gloo processes
+(CPU) against one process on the same global batch.
+
+Agreement is to float32 rounding (1e-6 relative), not bit-exact: DDP averages the two ranks'
+gradients of half batches and FSDP2 reduce-scatters them, a different summation order from
+one process's full batch. Resuming on the same world size is bit-exact.
+"""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from sparseft import sparsify
+from sparseft.optim import LowRankAdamW, SparseAdamW
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+WORLD = 2
+STEPS = 4
+IN, HIDDEN, OUT, BATCH = 12, 20, 10, 8
+
+
+# ----------------------------------------------------------------- harness
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, case, out_dir, options):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = CASES[case](rank, world, **options)
+    except Exception as exc:  # reported to the parent, which raises it
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_ranks(case, tmp_path, world=WORLD, **options):
+    """Run CASES[case] on ``world`` gloo processes; the list of what each rank returned."""
+    mp.spawn(_worker, args=(world, _free_port(), case, str(tmp_path), options), nprocs=world)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _no_errors(results):
+    for rank, result in enumerate(results):
+        if "error" in result:
+            raise AssertionError(f"rank {rank}: {result['error']}\n{result['traceback']}")
+    return results
+
+
+# ----------------------------------------------------------------- models and data
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
+                         nn.Linear(HIDDEN, OUT))
+
+
+def _batches(steps=STEPS):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, IN, generator=generator), torch.randn(BATCH, OUT, generator=generator))
+            for _ in range(steps)]
+
+
+def _masks(model, density=0.3):
+    generator = torch.Generator().manual_seed(2)
+    masks = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            count = max(1, int(density * p.numel()))
+            masks[name] = torch.randperm(p.numel(), generator=generator)[:count].sort().values.to(torch.int32)
+    return masks
+
+
+def _train(model, optimizer, batches, rank=0, world=1):
+    """Steps on the batches; with world > 1 each rank takes its contiguous share of each batch."""
+    for x, y in batches:
+        share = x.shape[0] // world
+        rows = slice(rank * share, (rank + 1) * share)
+        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _full(t):
+    from sparseft.distributed import DTensor
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _trained_weights(model):
+    """name -> full trained tensor; a sparsified layer's weight with its values written in."""
+    weights = {}
+    for name, module in model.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            weights[f"{name}.{leaf}" if name else leaf] = _full(p)
+        if hasattr(module, "weight_indices"):
+            weight = weights[f"{name}.weight"]
+            weight.view(-1)[module.weight_indices.long()] = weights.pop(f"{name}.weight_values")
+    return weights
+
+
+def _assert_close(got, want, rtol=1e-6, atol=1e-7):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+
+
+# ----------------------------------------------------------------- wrappers
+def _ddp(model):
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def _fsdp(model):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+WRAPPERS = {"ddp": _ddp, "fsdp": _fsdp}
+
+
+def _sparse_dense_masks(wrap):
+    """SparseAdamW over dense parameters with masks (and maskless trained biases)."""
+    def run(rank, world):
+        model = _model()
+        masks = _masks(model)
+        wrapped = WRAPPERS[wrap](model)
+        named = list(model.named_parameters())
+        optimizer = SparseAdamW(named, masks=masks, lr=0.05, weight_decay=0.1)
+        _train(wrapped, optimizer, _batches(), rank, world)
+        return {"weights": _trained_weights(model)}
+
+    def reference():
+        model = _model()
+        optimizer = SparseAdamW(list(model.named_parameters()), masks=_masks(model), lr=0.05, weight_decay=0.1)
+        _train(model, optimizer, _batches())
+        return _trained_weights(model)
+    return run, reference
+
+
+def _sparsified(wrap):
+    """sparsify'd layers (compact values) with SparseAdamW."""
+    def build():
+        model = _model()
+        return sparsify(model, _masks(model), train=r"\.bias$")
+
+    def run(rank, world):
+        model = build()
+        wrapped = WRAPPERS[wrap](model)
+        optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+        _train(wrapped, optimizer, _batches(), rank, world)
+        return {"weights": _trained_weights(model)}
+
+    def reference():
+        model = build()
+        optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+        _train(model, optimizer, _batches())
+        return _trained_weights(model)
+    return run, reference
+
+
+def _lowrank(wrap, **options):
+    """LowRankAdamW, projecting the three weights on the right (FSDP2 shards rows)."""
+    def groups(model):
+        weights = [p for p in model.parameters() if p.dim() == 2]
+        others = [p for p in model.parameters() if p.dim() != 2]
+        return [{"params": weights, "rank": 4, "update_proj_gap": 2, "proj_type": "right"}, {"params": others}]
+
+    def run(rank, world):
+        model = _model()
+        wrapped = WRAPPERS[wrap](model)
+        optimizer = LowRankAdamW(groups(model), lr=0.05, weight_decay=0.1, **options)
+        _train(wrapped, optimizer, _batches(), rank, world)
+        return {"weights": _trained_weights(model)}
+
+    def reference():
+        model = _model()
+        optimizer = LowRankAdamW(groups(model), lr=0.05, weight_decay=0.1, **options)
+        _train(model, optimizer, _batches())
+        return _trained_weights(model)
+    return run, reference
+
+
+EQUIVALENCE = {
+    f"{kind}_{wrap}": factory(wrap)
+    for wrap in WRAPPERS for kind, factory in (("sparse_dense_masks", _sparse_dense_masks), ("sparsified", _sparsified),
+                                               ("lowrank", _lowrank))
+}
+CASES = {name: run for name, (run, _) in EQUIVALENCE.items()}
+
+
+@pytest.mark.parametrize("case", sorted(EQUIVALENCE))
+def test_two_ranks_equal_one_process(case, tmp_path):
+    results = _no_errors(run_ranks(case, tmp_path))
+    want = EQUIVALENCE[case][1]()
+    for result in results:  # every rank ends with the same full weights, those of one process
+        _assert_close(result["weights"], want)
