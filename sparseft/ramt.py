@@ -25,7 +25,7 @@ Regularisers, as in the authors' code (github.com/wuw2019/R-AMT, trainers/masktu
   loss (penalty included) and b = grad of the distillation loss :func:`ramt_kl` to the frozen
   model's predictions, per score entry
 
-      P = (sign(a) * (a + b) / (|a| + |b| + eps) + 1) / 2,      U ~ Uniform[0, 1)
+      P = (sign(a) * (a + b) / (|a| + |b| + eps) + 1) / 2,      U ~ Uniform[0, 1),  eps = 1e-8
       g = a * ((1 - strength) + strength * 1[P > U])
 
   So the KL gradient is never applied itself: it decides whether the task gradient survives.
@@ -35,7 +35,9 @@ Regularisers, as in the authors' code (github.com/wuw2019/R-AMT, trainers/masktu
   predictions, the likelier it is dropped.
 * :func:`ramt_kl` -- T^2 * KL(softmax(teacher / T) || softmax(student / T)), T = 1 by default,
   averaged over positions; the teacher is the frozen model, i.e. this model with every mask
-  at 1 (:func:`ramt_unmasked`), so no second copy of the weights is needed.
+  at 1 (:func:`ramt_unmasked`), so no second copy of the weights is needed. (The authors' loss is
+  the soft cross-entropy, which differs from this KL by the teacher's entropy, a constant: same
+  gradient. Their option to mix student logits into the teacher's is left out; its default is off.)
 
 The authors train the scores with Adam at lr 8e-5 and no weight decay: a score then needs
 about 60 steps of one sign to cross from 1e-2 to the threshold.
