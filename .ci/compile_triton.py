@@ -108,7 +108,7 @@ def _expect_params(fn, names):
 
 def _launch_everything():
     """Every Triton launch the ops can make, up to values that do not select code."""
-    from sparseft.kernels import lowrank_adam, merge
+    from sparseft.kernels import lowrank_adam, merge, select
     from sparseft.ops import _ce_triton, sampled_grad
     from sparseft.optim import _sparse_adamw_backends as adamw
 
@@ -123,6 +123,7 @@ def _launch_everything():
     _expect_params(lowrank_adam.lowrank_update, "weight direction projector side decay alpha")
     _expect_params(merge.merge_tensor_triton, "base tuned weights thresholds keep_probs cutoffs seeds elect_sign "
                                               "normalize consensus_lam consensus_k scale index_offset out")
+    _expect_params(select.abs_diff_histogram_triton, "a b prefix high_shift shift bits counts")
 
     n, d, vocab = 4, 16, 32
     labels, scale, lse = torch.zeros(n, dtype=torch.int64), torch.ones(n), torch.zeros(n)
@@ -178,6 +179,13 @@ def _launch_everything():
         merge_launch(base_dtype, out_dtype, tuned, options)
     for tuned, options in product(tuned_sets[1:], product(BOOLS, repeat=4)):
         merge_launch(torch.bfloat16, torch.bfloat16, tuned, options)
+
+    # The histogram selects code only by the dtypes of a and b (the digit parameters are runtime
+    # values): both passes of the radix select for each pair.
+    for a_dtype, b_dtype in product(FLOATS, FLOATS):
+        for prefix, high_shift, shift, bits in ((0, 31, 15, 16), (5, 15, 0, 15)):
+            select.abs_diff_histogram_triton(torch.zeros(64, dtype=a_dtype), torch.zeros(64, dtype=b_dtype), prefix,
+                                             high_shift, shift, bits, torch.zeros(1 << bits, dtype=torch.int64))
 
 
 class Job(NamedTuple):
