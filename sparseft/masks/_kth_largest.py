@@ -1,27 +1,44 @@
 """The k-th largest |a - b| over many tensors, exactly, without concatenating them.
 
 Radix select on float32 bit patterns: for non-negative floats the int32 bit pattern is
-ordered like the value, so four histogram passes (8, 8, 8, 7 bits, most significant
-first) pin down the k-th largest value exactly. Each pass streams every tensor in chunks
-of CHUNK elements, so extra memory is O(CHUNK) whatever the model size; |a - b| is
-recomputed per pass instead of stored.
+ordered like the value, so two histogram passes (bits 30..15, then 14..0 among the entries
+sharing the chosen top digit) pin down the k-th largest value exactly. Each pass is one
+fused op (sparseft.ops.select.abs_diff_histogram) per tensor pair: a and b are read once
+and |a - b| is never stored. A pair on two devices is moved over in chunks of CHUNK
+elements, so extra memory stays O(CHUNK) whatever the model size.
 """
 
 import torch
 
+from sparseft.ops.select import abs_diff_histogram
+
 CHUNK = 1 << 24
-_PASSES = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, bits) over bits 30..0; bit 31 (sign) is 0
+_PASSES = ((15, 16), (0, 15))  # (shift, bits) over bits 30..0; bit 31 (sign) is 0
 
 
 def abs_diff_float32(a, b):
     return (a.detach().float() - b.detach().float()).abs()
 
 
-def _chunks(pairs):
+def _same_device_pieces(a, b):
+    """(a, b) flat, whole when they share a device, else in chunks with b's moved to a's."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if b.device == a.device:
+        yield a, b
+        return
+    for start in range(0, a.numel(), CHUNK):
+        yield a[start:start + CHUNK], b[start:start + CHUNK].to(a.device)
+
+
+def _histogram(pairs, prefix, high_shift, shift, bits):
+    """One pass over every pair: the digit counts, summed over devices, on the CPU."""
+    per_device = {}
     for a, b in pairs:
-        a, b = a.reshape(-1), b.reshape(-1)
-        for start in range(0, a.numel(), CHUNK):
-            yield abs_diff_float32(a[start:start + CHUNK], b[start:start + CHUNK].to(a.device))
+        for a_piece, b_piece in _same_device_pieces(a, b):
+            counts = per_device.setdefault(a_piece.device, torch.zeros(1 << bits, dtype=torch.int64,
+                                                                        device=a_piece.device))
+            abs_diff_histogram(a_piece, b_piece, prefix, high_shift, shift, bits, counts)
+    return sum((counts.cpu() for counts in per_device.values()), torch.zeros(1 << bits, dtype=torch.int64))
 
 
 def kth_largest_abs_diff(pairs, k):
@@ -29,12 +46,7 @@ def kth_largest_abs_diff(pairs, k):
     and how many entries are strictly greater than it. `pairs` is re-iterated per pass."""
     prefix, high_shift, remaining = 0, 31, k
     for shift, bits in _PASSES:
-        counts = torch.zeros(1 << bits, dtype=torch.int64)
-        for d in _chunks(pairs):
-            pattern = d.view(torch.int32)
-            in_prefix = (pattern >> high_shift) == prefix
-            digit = ((pattern[in_prefix] >> shift) & ((1 << bits) - 1)).long()
-            counts += torch.bincount(digit, minlength=1 << bits).cpu()
+        counts = _histogram(pairs, prefix, high_shift, shift, bits)
         # Walk digits from the largest down until `remaining` entries are covered.
         above = torch.flip(counts, [0]).cumsum(0)
         position = int(torch.searchsorted(above, torch.tensor([remaining]))[0])
