@@ -22,7 +22,7 @@ except ImportError:  # torch 2.4
     from torch.distributed._tensor import DTensor, Shard
 
 __all__ = ["DTensor", "is_sharded", "local", "RowShard", "row_shard", "gather_rows", "same_on_all_ranks",
-           "agree_on_error"]
+           "agree_on_error", "check_one_kind", "rows_as_dtensor", "local_rows"]
 
 
 def is_sharded(t):
@@ -32,6 +32,13 @@ def is_sharded(t):
 def local(t):
     """The local shard of a DTensor (a view: in-place writes reach the sharded storage), else t."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_one_kind(params, where):
+    """A param group is either all DTensors (FSDP2-sharded) or all plain tensors."""
+    if len({is_sharded(p) for p in params}) > 1:
+        raise ValueError(f"{where} mixes DTensor (FSDP2-sharded) and plain tensors: shard the whole model (or none "
+                         "of it) before building the optimizer")
 
 
 class RowShard:
@@ -53,6 +60,10 @@ class RowShard:
         first, last = self.mask_slice(mask)
         return mask[first:last] - self.lo
 
+    def all_reduce(self, tensor):
+        """Sum ``tensor`` in place over the ranks of this shard's mesh."""
+        dist.all_reduce(tensor, group=self.group)
+
 
 def row_shard(p, name):
     """The RowShard of a DTensor parameter; a clear error for layouts the optimizers do not step."""
@@ -72,6 +83,20 @@ def row_shard(p, name):
                          f"ranks gives rows [{start}, {stop}); uneven custom sharding is not supported")
     row_numel = p.numel() // rows if rows else 0
     return RowShard(start, stop, row_numel, mesh.get_group(), rank, world)
+
+
+def rows_as_dtensor(local_tensor, p):
+    """``local_tensor`` (this rank's rows of a tensor row-aligned with the DTensor ``p``, such as
+    a moment) as a DTensor laid out like ``p``: checkpoints then save and reshard it as they do
+    ``p``, with no gather."""
+    shape = (p.shape[0], *local_tensor.shape[1:])
+    return DTensor.from_local(local_tensor, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def local_rows(t, shard):
+    """This rank's rows of ``t``: the local shard of a DTensor, rows [start, stop) of a whole tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t[shard.start:shard.stop]
 
 
 def gather_rows(local_tensor, shard):

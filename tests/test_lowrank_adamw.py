@@ -215,7 +215,7 @@ def test_failed_factorisation_keeps_the_projector(monkeypatch):
     def fail(*args, **kwargs):
         raise torch.linalg.LinAlgError("did not converge")
 
-    monkeypatch.setattr(lowrank_module, "truncated_svd", fail)
+    monkeypatch.setattr(lowrank_module, "right_singular_vectors", fail)
     w.grad = _decaying(20, 12, seed=2)
     with pytest.warns(RuntimeWarning):
         opt.step()

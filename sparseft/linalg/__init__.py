@@ -2,6 +2,6 @@
 warm-startable, with the exact SVD as its reference mode) for LowRankAdamW, SaRA and the
 approximate modes of the mask selectors."""
 
-from sparseft.linalg.range_finder import subspace_overlap, truncated_svd
+from sparseft.linalg.range_finder import right_singular_vectors, subspace_overlap, truncated_svd
 
-__all__ = ["subspace_overlap", "truncated_svd"]
+__all__ = ["right_singular_vectors", "subspace_overlap", "truncated_svd"]

@@ -109,6 +109,46 @@ def truncated_svd(a, rank, *, exact=False, oversample=8, power_iters=2, warm_sta
     return (q @ u_small[:, :rank]), s[:rank], vh[:rank].T
 
 
+def right_singular_vectors(a, rank, *, oversample=8, power_iters=2, warm_start=None, seed=0, all_reduce=None):
+    """The leading ``rank`` right singular vectors V [n, r] (float32) of A, by subspace
+    iteration on the Gram matrix AᵀA, for A = ``a`` or for A stacked by rows over processes:
+
+        Q = orth([warm_start | Ω])                       n×k, k = min(rank + oversample, n)
+        repeat power_iters + 1 times:   Y = AᵀA·Q = Σ_i A_iᵀ(A_i·Q);   Q = orth(Y) but the last time
+        V = the r leading left singular vectors of Y
+
+    Y spans (AᵀA)^(power_iters+1)·Ω, the subspace truncated_svd reaches with the same
+    power_iters and the same 2·(power_iters + 1) products with a k-column block; ordering the
+    vectors by Y's singular values is the Rayleigh-Ritz step on (AᵀA)² followed by one more
+    power step. When ``a`` holds this process's rows A_i of a row-sharded matrix, ``all_reduce``
+    (summing a tensor in place over the processes) turns each local n×k product into AᵀA·Q: the
+    only communication is power_iters + 1 all-reduces of n×k float32, never A itself, and every
+    process ends with the same V (same seed, same warm start). Squaring the singular values
+    costs float32 precision only in directions far below the leading ones."""
+    if not isinstance(a, torch.Tensor) or a.dim() != 2 or not a.is_floating_point():
+        raise ValueError(f"a: expected a 2-D floating-point tensor, got {getattr(a, 'shape', type(a).__name__)}")
+    n = a.shape[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= n:
+        raise ValueError(f"rank: expected an int in [1, n = {n}], got {rank!r}")
+    _check(a.new_empty(n, n), rank, oversample, power_iters, warm_start)
+    a = a.float()
+    k = min(rank + oversample, n)
+    blocks = [] if warm_start is None else [warm_start.float()]
+    drawn = k - (0 if warm_start is None else warm_start.shape[1])
+    if drawn > 0:
+        generator = torch.Generator(device=a.device).manual_seed(seed)
+        blocks.append(torch.randn(n, drawn, generator=generator, device=a.device, dtype=torch.float32))
+    q = _orthonormal(torch.cat(blocks, dim=1))
+    for iteration in range(power_iters + 1):
+        y = a.T @ (a @ q)
+        if all_reduce is not None:
+            all_reduce(y)
+        if iteration < power_iters:
+            q = _orthonormal(y)
+    u, _, _ = torch.linalg.svd(y, full_matrices=False)
+    return u[:, :rank]
+
+
 def _measure(rank=64, seeds=(0, 1, 2), layers=(0, 15), batch=4, seq=128):
     """The docstring's table: on SmolLM2-135M-Instruct, the gradients of two batches of the
     README's text (the first batch's exact basis warm-starts the second's factorisation) and

@@ -98,7 +98,8 @@ import weakref
 import torch
 
 from sparseft import _backends
-from sparseft.linalg import truncated_svd
+from sparseft import distributed as _dist
+from sparseft.linalg import right_singular_vectors, truncated_svd
 from sparseft.ops.lowrank_adam import bias_corrections, lowrank_adam_direction, lowrank_weight_update
 from sparseft.optim._hyper import check_adamw_hyper
 
@@ -107,10 +108,13 @@ PROJECTORS = ("randomized", "exact")
 MOMENTS = ("keep", "reset", "project")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COUNTERS = ("step", "moment_step", "refreshes", "failed_refreshes")  # plain ints in a projected state
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _side(proj_type, shape):
+def _side(proj_type, shape, sharded=False):
     if proj_type == "std":
+        if sharded:  # a row-sharded gradient projects on the right with no communication per step
+            return "right"
         return "right" if shape[0] >= shape[1] else "left"
     return proj_type
 
@@ -151,6 +155,18 @@ def _check_param(p, group, name):
                          f"{tuple(p.shape)}")
 
 
+def _check_sharded(p, group, name):
+    """What a row-sharded (FSDP2) parameter allows: projection on the right, randomized."""
+    if not _projected(group, p):
+        return
+    if group["proj_type"] == "left":
+        raise ValueError(f"{name}: proj_type 'left' on a row-sharded (FSDP2) parameter would all-reduce R = PᵀG "
+                         "every step; use 'right' or 'std' (which projects sharded parameters on the right)")
+    if group["projector"] == "exact":
+        raise ValueError(f"{name}: projector 'exact' needs the whole gradient on one rank; under FSDP2 use "
+                         "'randomized', whose range finder all-reduces n×(rank + oversample) products only")
+
+
 def _projected(group, p):
     return group.get("rank") is not None and p.dim() == 2
 
@@ -159,9 +175,9 @@ def _moment_shape(shape, rank, side):
     return (shape[0], rank) if side == "right" else (rank, shape[1])
 
 
-def _projector_shape(group, shape):
-    """(shape of P, side) for a projected parameter of ``shape``."""
-    side = _side(group["proj_type"], shape)
+def _projector_shape(group, shape, sharded=False):
+    """(shape of P, side) for a projected parameter of ``shape`` (FSDP2-sharded or not)."""
+    side = _side(group["proj_type"], shape, sharded)
     return ((shape[1] if side == "right" else shape[0]), group["rank"]), side
 
 
@@ -214,7 +230,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._warned_refresh = False
         self._hooks = []
         self._pending = {}  # layerwise: the params with micro-batches not yet stepped (see _accumulate)
-        self._hooked_norm_sq = None  # layerwise without clipping: Σ‖step gradient‖² of the params stepped in hooks
+        # layerwise without clipping: Σ‖step gradient‖² of the params stepped in hooks, by RowShard (None: whole)
+        self._hooked_norm_sq = {}
+        self._shards = {}  # FSDP2: DTensor param -> its RowShard
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- construction
@@ -225,8 +243,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         try:
             _check_options(group, f"param_groups[{index}]: ")
             start = sum(len(g["params"]) for g in self.param_groups[:index])
+            _dist.check_one_kind(group["params"], f"param_groups[{index}]")
             for i, p in enumerate(group["params"]):
                 _check_param(p, group, self._name(group, i, start + i))
+                if _dist.is_sharded(p):
+                    _check_sharded(p, group, self._name(group, i, start + i))
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(f"param_groups[{index}]: params: all params of a group must be on one device, "
@@ -237,6 +258,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        for i, p in enumerate(group["params"]):
+            if _dist.is_sharded(p):
+                self._shards[p] = _dist.row_shard(p, self._name(group, i, start + i))
         if self.layerwise:
             for i, p in enumerate(group["params"]):
                 if p.requires_grad:
@@ -281,15 +305,15 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _step_gradient(self, group, position, p, grad, may_refresh=True):
         """The float32 gradient the Adam update of ``p`` sees: R = the projection of ``grad``
         (refreshing P from ``grad`` first when one is due and allowed) or, for a plain param, ``grad``."""
+        grad = _dist.local(grad).float()
         if not _projected(group, p):
-            return grad.float()
+            return grad
         state = self.state[p]
         if not state:
-            _, side = _projector_shape(group, p.shape)
+            _, side = _projector_shape(group, p.shape, p in self._shards)
             state.update(dict.fromkeys(_COUNTERS, 0), side=side)
-        grad = grad.float()
         if may_refresh and state["step"] % group["update_proj_gap"] == 0:
-            self._refresh(group, position, state, grad)
+            self._refresh(group, position, state, grad, self._shards.get(p))
         projector = state["projector"]
         return grad @ projector if state["side"] == "right" else projector.T @ grad
 
@@ -298,13 +322,25 @@ class LowRankAdamW(torch.optim.Optimizer):
         if not work:
             self.last_grad_norm = None
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, _, g in work]))
+        norm = self._global_norm_sq(work).sqrt()
         self.last_grad_norm = norm
         coef = None
         if self.max_grad_norm is not None:  # torch.nn.utils.clip_grad_norm_'s rule
             coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         for group, p, grad in work:
             self._apply(group, p, grad if coef is None else grad * coef)
+
+    def _global_norm_sq(self, work):
+        """Σ‖step gradient‖² over (group, param, gradient) triples; shards' parts summed over ranks."""
+        whole = [g for _, p, g in work if p not in self._shards]
+        sharded = [g for _, p, g in work if p in self._shards]
+        total = torch.zeros((), dtype=torch.float32, device=work[0][2].device)
+        if sharded:
+            total = torch.stack([torch.linalg.vector_norm(g).square() for g in sharded]).sum()
+            self._shards[next(p for _, p, _ in work if p in self._shards)].all_reduce(total)
+        if whole:
+            total = total + torch.stack([torch.linalg.vector_norm(g).square() for g in whole]).sum()
+        return total
 
     def _apply(self, group, p, grad):
         """One AdamW step of ``p`` on its float32 step gradient (projected or plain)."""
@@ -320,7 +356,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         c1, c2 = bias_corrections(beta1, beta2, state["moment_step" if projected else "step"])
         # The direction overwrites the step gradient where this step owns it (R, a clipped or
         # converted copy, a gradient layerwise mode took): one parameter-sized buffer less.
-        borrowed = p.grad is not None and grad.data_ptr() == p.grad.data_ptr()
+        borrowed = p.grad is not None and grad.data_ptr() == _dist.local(p.grad).data_ptr()
+        p = _dist.local(p)
         direction = torch.empty_like(grad) if borrowed else grad
         lowrank_adam_direction(grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], direction, beta1=beta1,
                                beta2=beta2, c1=c1, c2=c2, eps=group["eps"], backend=self.backend)
@@ -359,7 +396,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _apply_counted(self, group, p, grad):
         """_apply, adding the step gradient's squared norm to this step's (unclipped layerwise mode)."""
         norm_sq = torch.linalg.vector_norm(grad).square()
-        self._hooked_norm_sq = norm_sq if self._hooked_norm_sq is None else self._hooked_norm_sq + norm_sq
+        key = self._shards.get(p)  # a shard's part is summed over the ranks when step() publishes the norm
+        self._hooked_norm_sq[key] = norm_sq + self._hooked_norm_sq.get(key, 0.0)
         self._apply(group, p, grad)
 
     def _finish_layerwise_step(self):
@@ -377,8 +415,19 @@ class LowRankAdamW(torch.optim.Optimizer):
             return
         for group, p, grad in work:
             self._apply_counted(group, p, grad)
-        self.last_grad_norm = None if self._hooked_norm_sq is None else self._hooked_norm_sq.sqrt()
-        self._hooked_norm_sq = None
+        self.last_grad_norm = self._hooked_norm()
+        self._hooked_norm_sq = {}
+
+    def _hooked_norm(self):
+        if not self._hooked_norm_sq:
+            return None
+        total = self._hooked_norm_sq.pop(None, None)
+        if self._hooked_norm_sq:  # sharded parts: one all-reduce of their sum
+            shards = list(self._hooked_norm_sq)
+            sharded = torch.stack([self._hooked_norm_sq[shard] for shard in shards]).sum()
+            shards[0].all_reduce(sharded)
+            total = sharded if total is None else total + sharded
+        return total.sqrt()
 
     def _check_grad(self, group, p, name):
         grad = p.grad
@@ -391,8 +440,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             raise TypeError(f"{name}: gradient dtype {grad.dtype} differs from the parameter's {p.dtype}")
         state = self.state.get(p) or {}
         moments = state.get("exp_avg")
+        shape = _dist.local(p).shape  # the moments follow this rank's rows
         if not _projected(group, p):
-            if moments is not None and moments.shape != p.shape:
+            if moments is not None and moments.shape != shape:
                 raise ValueError(f"{name}: the parameter's shape changed to {tuple(p.shape)} since its moments "
                                  f"{tuple(moments.shape)} were built")
             return
@@ -400,9 +450,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             raise ValueError(f"{name}: rank {group['rank']} exceeds min(m, n) = {min(p.shape)} of its shape "
                              f"{tuple(p.shape)}")
         if "projector" in state:
-            want, side = _projector_shape(group, p.shape)
+            want, side = _projector_shape(group, p.shape, p in self._shards)
             if (side != state["side"] or tuple(state["projector"].shape) != want
-                    or moments is not None and tuple(moments.shape) != _moment_shape(p.shape, want[1], side)):
+                    or moments is not None and tuple(moments.shape) != _moment_shape(shape, want[1], side)):
                 raise ValueError(f"{name}: the parameter's shape changed to {tuple(p.shape)} since its projector "
                                  f"{tuple(state['projector'].shape)} (side {state['side']!r}) was built")
 
@@ -411,14 +461,20 @@ class LowRankAdamW(torch.optim.Optimizer):
         return (float(lr) if isinstance(lr, torch.Tensor) else lr), *group["betas"]
 
     # ----------------------------------------------------------------- projector refresh
-    def _refresh(self, group, position, state, grad):
+    def _refresh(self, group, position, state, grad, shard=None):
+        """A new projector from ``grad`` (this rank's rows of it when ``shard`` is given: every rank
+        then computes the same projector from all-reduced n×k products)."""
         previous = state.get("projector")
         seed = position * 2**32 + state["refreshes"]
         state["refreshes"] += 1
         new = None
-        if bool(torch.isfinite(grad).all()):
+        finite = torch.isfinite(grad).all().to(torch.int32)
+        if shard is not None:  # every rank must take the same branch: the factorisation is collective
+            shard.all_reduce(finite)
+            finite = finite == shard.world
+        if bool(finite):
             try:
-                new = _factor(grad, group, state["side"], previous, seed)
+                new = _factor(grad, group, state["side"], previous, seed, shard)
             except torch.linalg.LinAlgError:
                 new = None
             if new is not None and not bool(torch.isfinite(new).all()):
@@ -453,6 +509,19 @@ class LowRankAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = turn.square().T @ state["exp_avg_sq"]
 
     # ----------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        """torch's state dict; the moments of FSDP2-sharded params as DTensors sharded like them
+        (projectors and counters are the same on every rank), which torch.distributed.checkpoint
+        saves and reshards like the params: load at any world size, or on one process."""
+        saved = super().state_dict()
+        if self._shards:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, p in enumerate(params):
+                if p in self._shards and index in saved["state"]:
+                    saved["state"][index] = {k: _dist.rows_as_dtensor(v, p) if k in _MOMENTS else v
+                                             for k, v in saved["state"][index].items()}
+        return saved
+
     def load_state_dict(self, state_dict):
         """Load a checkpoint; every saved entry is checked against this optimizer's params, ranks
         and shapes before anything changes. torch's loader would cast the float32 state to each
@@ -473,23 +542,27 @@ class LowRankAdamW(torch.optim.Optimizer):
         for (group, i, position, p), pid in zip(groups, saved_ids):
             if pid in state_dict["state"]:
                 adopted[p] = _adopt(state_dict["state"][pid], group, p, self._name(group, i, position))
+                if p in self._shards:  # whole or DTensor moments -> this rank's rows
+                    adopted[p].update((k, _dist.local_rows(adopted[p][k], self._shards[p]).clone())
+                                      for k in _MOMENTS if k in adopted[p])
         super().load_state_dict({**state_dict, "state": {}})
         self.state.clear()
         for p, state in adopted.items():
             self.state[p] = state
 
 
-def _factor(grad, group, side, previous, seed):
-    """The new projector: the leading right (side "right") or left singular vectors of grad."""
+def _factor(grad, group, side, previous, seed, shard=None):
+    """The new projector: the leading right (side "right") or left singular vectors of grad
+    (of the row-stacked gradient when ``grad`` is this rank's ``shard`` of it)."""
     rank = group["rank"]
     if group["projector"] == "exact":
         u, _, v = truncated_svd(grad, rank, exact=True)
         return (v if side == "right" else u).contiguous()
     matrix = grad if side == "right" else grad.T  # left vectors of G are right vectors of Gᵀ
     oversample = default_oversample(rank) if group["oversample"] is None else group["oversample"]
-    _, _, v = truncated_svd(matrix, rank, oversample=oversample, power_iters=group["power_iters"],
-                            warm_start=previous, seed=seed)
-    return v.contiguous()
+    return right_singular_vectors(matrix, rank, oversample=oversample, power_iters=group["power_iters"],
+                                  warm_start=previous, seed=seed,
+                                  all_reduce=None if shard is None else shard.all_reduce).contiguous()
 
 
 def default_oversample(rank):
@@ -512,7 +585,7 @@ def _adopt(entry, group, p, name):
     if not isinstance(entry, dict):
         raise ValueError(f"state_dict: the state of {name} is not a dict")
     if _projected(group, p):
-        want, side = _projector_shape(group, p.shape)
+        want, side = _projector_shape(group, p.shape, _dist.is_sharded(p))
         missing = [k for k in (*_COUNTERS, "side", "projector") if k not in entry]
         if missing:
             raise ValueError(f"state_dict: the state of {name} lacks {missing} (not a LowRankAdamW checkpoint of "

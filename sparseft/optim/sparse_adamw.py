@@ -137,7 +137,7 @@ class SparseAdamW(torch.optim.Optimizer):
         error = None
         try:
             check_adamw_hyper(group, f"param_groups[{len(self.param_groups) - 1}]: ")
-            _check_one_kind(group["params"], len(self.param_groups) - 1)
+            _dist.check_one_kind(group["params"], f"param_groups[{len(self.param_groups) - 1}]")
             states, full_masks = [], []
             init_lookup = getattr(self, "_init_masks", None)
             names = group.get("param_names")
@@ -403,13 +403,6 @@ class SparseAdamW(torch.optim.Optimizer):
 def _every_entry(count, numel, device):
     """The mask of every entry of a tensor (or shard) of ``count`` entries, in a tensor of ``numel``."""
     return torch.arange(count, dtype=mask_dtype(numel), device=device)
-
-
-def _check_one_kind(params, group_index):
-    kinds = {_dist.is_sharded(p) for p in params}
-    if len(kinds) > 1:
-        raise ValueError(f"param_groups[{group_index}] mixes DTensor (FSDP2-sharded) and plain tensors: shard the "
-                         "whole model (or none of it) before building the optimizer")
 
 
 def _check_module(p, module, name):
