@@ -176,7 +176,8 @@ def _sparsified(wrap):
 
 
 def _lowrank(wrap, **options):
-    """LowRankAdamW, projecting the three weights on the right (FSDP2 shards rows)."""
+    """LowRankAdamW, projecting the three weights on the right (FSDP2 shards rows); the last
+    step's gradient norm must match too."""
     def groups(model):
         weights = [p for p in model.parameters() if p.dim() == 2]
         others = [p for p in model.parameters() if p.dim() != 2]
@@ -186,21 +187,25 @@ def _lowrank(wrap, **options):
         model = _model()
         wrapped = WRAPPERS[wrap](model)
         optimizer = LowRankAdamW(groups(model), lr=0.05, weight_decay=0.1, **options)
+        if wrap == "ddp" and optimizer.layerwise:
+            optimizer.register_ddp(wrapped)
         _train(wrapped, optimizer, _batches(), rank, world)
-        return {"weights": _trained_weights(model)}
+        return {"weights": {**_trained_weights(model), "grad norm": optimizer.last_grad_norm}}
 
     def reference():
         model = _model()
         optimizer = LowRankAdamW(groups(model), lr=0.05, weight_decay=0.1, **options)
         _train(model, optimizer, _batches())
-        return _trained_weights(model)
+        return {**_trained_weights(model), "grad norm": optimizer.last_grad_norm}
     return run, reference
 
 
 EQUIVALENCE = {
     f"{kind}_{wrap}": factory(wrap)
-    for wrap in WRAPPERS for kind, factory in (("sparse_dense_masks", _sparse_dense_masks), ("sparsified", _sparsified),
-                                               ("lowrank", _lowrank))
+    for wrap in WRAPPERS for kind, factory in (
+        ("sparse_dense_masks", _sparse_dense_masks), ("sparsified", _sparsified), ("lowrank", _lowrank),
+        ("lowrank_layerwise", lambda wrap: _lowrank(wrap, layerwise=True)),
+        ("lowrank_layerwise_clipped", lambda wrap: _lowrank(wrap, layerwise=True, max_grad_norm=0.5)))
 }
 CASES = {name: run for name, (run, _) in EQUIVALENCE.items()}
 

@@ -36,6 +36,7 @@ using at::Tensor;
 constexpr int64_t kBlock = 1024;                       // elements converted per step
 constexpr int64_t kSerialNumel = int64_t{1} << 17;     // up to this many: one thread, no local histogram
 constexpr int64_t kMaxLocalRange = int64_t{1} << 31;   // elements per uint32 local histogram
+constexpr int kCopies = 4;                             // interleaved local histograms per thread
 
 struct Digits {
   uint32_t prefix;
@@ -55,23 +56,25 @@ inline const float* float_block(const T* p, int64_t k, int64_t n, float* buf) {
   }
 }
 
-// Counts the digits of elements [begin, end) into hist (uint32 or int64 bins).
-template <typename TA, typename TB, typename Count>
-void count_range(const TA* a, const TB* b, int64_t begin, int64_t end, const Digits& s, Count* hist) {
-  float abuf[kBlock], bbuf[kBlock];
-  uint32_t pattern[kBlock];
+// Counts the digits of elements [begin, end) into hist (uint32 or int64 bins): kCopies
+// interleaved histograms of bins entries each, so that runs of equal digits (common: model
+// deltas crowd into few bins) do not wait on one another's increments. The selection and the
+// digits are computed in a vectorised loop; only the increments are scalar.
+template <int kCopies, typename TA, typename TB, typename Count>
+void count_range(const TA* a, const TB* b, int64_t begin, int64_t end, const Digits& s, Count* hist, int64_t bins) {
+  constexpr uint32_t kUnselected = 0xFFFFFFFFu;  // above every digit (bits <= 16)
+  uint32_t digit[kBlock];
   for (int64_t k = begin; k < end; k += kBlock) {
     const int64_t n = std::min(kBlock, end - k);
-    const float* x = float_block(a, k, n, abuf);
-    const float* y = float_block(b, k, n, bbuf);
-    for (int64_t j = 0; j < n; ++j) {  // vectorised by the compiler
-      const float d = x[j] - y[j];
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = static_cast<float>(a[k + j]) - static_cast<float>(b[k + j]);
       uint32_t bits;
       std::memcpy(&bits, &d, sizeof bits);
-      pattern[j] = bits & 0x7FFFFFFFu;
+      const uint32_t pattern = bits & 0x7FFFFFFFu;
+      digit[j] = (pattern >> s.high_shift) == s.prefix ? (pattern >> s.shift) & s.mask : kUnselected;
     }
     for (int64_t j = 0; j < n; ++j) {
-      if ((pattern[j] >> s.high_shift) == s.prefix) ++hist[(pattern[j] >> s.shift) & s.mask];
+      if (digit[j] != kUnselected) ++hist[(j % kCopies) * bins + digit[j]];
     }
   }
 }
@@ -79,7 +82,7 @@ void count_range(const TA* a, const TB* b, int64_t begin, int64_t end, const Dig
 template <typename TA, typename TB>
 void histogram(const TA* a, const TB* b, int64_t numel, const Digits& s, int64_t* counts) {
   if (numel <= kSerialNumel) {
-    count_range(a, b, 0, numel, s, counts);
+    count_range<1>(a, b, 0, numel, s, counts, 0);
     return;
   }
   const int64_t bins = int64_t{s.mask} + 1;
@@ -87,12 +90,14 @@ void histogram(const TA* a, const TB* b, int64_t numel, const Digits& s, int64_t
   std::mutex merge;
   // One range per thread: each local histogram is cleared and merged once.
   at::parallel_for(0, numel, std::max(kSerialNumel, (numel + threads - 1) / threads), [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> local(bins);
+    std::vector<uint32_t> local(kCopies * bins);
     for (int64_t start = begin; start < end; start += kMaxLocalRange) {
       std::fill(local.begin(), local.end(), 0u);
-      count_range(a, b, start, std::min(end, start + kMaxLocalRange), s, local.data());
+      count_range<kCopies>(a, b, start, std::min(end, start + kMaxLocalRange), s, local.data(), bins);
       const std::lock_guard<std::mutex> lock(merge);
-      for (int64_t i = 0; i < bins; ++i) counts[i] += local[i];
+      for (int64_t c = 0; c < kCopies; ++c) {
+        for (int64_t i = 0; i < bins; ++i) counts[i] += local[c * bins + i];
+      }
     }
   });
 }

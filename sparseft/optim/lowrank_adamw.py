@@ -96,6 +96,7 @@ import warnings
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from sparseft import _backends
 from sparseft import distributed as _dist
@@ -273,6 +274,27 @@ class LowRankAdamW(torch.optim.Optimizer):
             handle.remove()
         self._hooks.clear()
 
+    def register_ddp(self, ddp_model):
+        """Layerwise mode under DistributedDataParallel: call once, after wrapping. Backward's
+        post-accumulate-grad hooks would see each rank's own gradient before DDP averages it, so
+        they are removed and a DDP communication hook steps the params of each gradient bucket as
+        soon as its all-reduce (an average, DDP's default) is done, still during backward. DDP's
+        buckets hold a whole gradient, so under DDP layerwise mode saves no gradient memory (FSDP2,
+        whose hooks see reduce-scattered shards, does); it keeps stepping inside backward and the
+        ``max_grad_norm`` rule. Accumulate micro-batches with DDP's ``no_sync()`` and
+        ``accumulation_steps=1``: the hook then fires once per step, on the summed gradient."""
+        if not self.layerwise:
+            raise ValueError("register_ddp: only layerwise=True needs it; without it DDP's averaged .grad is "
+                             "stepped by step() like any optimizer's")
+        if self.accumulation_steps != 1:
+            raise ValueError("register_ddp: accumulation_steps must be 1 under DDP; accumulate micro-batches with "
+                             "ddp_model.no_sync(), so the buckets are reduced once per step")
+        if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"ddp_model: expected a DistributedDataParallel, got {type(ddp_model).__name__}")
+        self.remove_hooks()
+        where = {p: (group, i, position) for group, i, position, p in self._params()}
+        ddp_model.register_comm_hook((weakref.ref(self), where, ddp_model.process_group), _ddp_layerwise_hook)
+
     @staticmethod
     def _name(group, i, position):
         names = group.get("param_names")
@@ -372,21 +394,24 @@ class LowRankAdamW(torch.optim.Optimizer):
             p.copy_(p.float().mul_(decay).add_(direction, alpha=-lr))
 
     # ----------------------------------------------------------------- layerwise mode
-    def _accumulate(self, group, i, position, p):
+    def _accumulate(self, group, i, position, p, reduced=None):
         """The layerwise hook's work: fold ``p.grad`` into this step's gradient and free it; on
         the last micro-batch, step ``p`` now (or, with clipping, leave it to step()).
-        ``_pending[p]`` = [summed step gradient or None, micro-batches seen, group]."""
-        self._check_grad(group, p, self._name(group, i, position))
+        ``_pending[p]`` = [summed step gradient or None, micro-batches seen, group].
+        ``reduced``: the all-reduced gradient a DDP bucket hands over (see ``register_ddp``), read
+        in place of ``.grad`` and never written (DDP owns the bucket)."""
+        grad = p.grad if reduced is None else reduced
+        self._check_grad(group, p, self._name(group, i, position), grad)
         pending = self._pending.setdefault(p, [None, 0, group])
         if _projected(group, p):  # the projection of the micro-batch's gradient: exact, P is fixed within a step
-            projected = self._step_gradient(group, position, p, p.grad, may_refresh=pending[1] == 0)
+            projected = self._step_gradient(group, position, p, grad, may_refresh=pending[1] == 0)
             pending[0] = projected if pending[0] is None else pending[0].add_(projected)
             p.grad = None
         pending[1] += 1
         if pending[1] < self.accumulation_steps:
             return  # a plain param's .grad keeps accumulating in place until the last micro-batch
         if not _projected(group, p):
-            grad, p.grad = p.grad.float(), None
+            grad, p.grad = _dist.local(grad).to(torch.float32, copy=reduced is not None), None
             pending[0] = grad if pending[0] is None else pending[0].add_(grad)
         if self.max_grad_norm is not None:
             return
@@ -407,7 +432,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         work = []
         for p, (grad, _, group) in self._pending.items():
             if grad is None:  # a plain param short of its last micro-batch: .grad holds the sum so far
-                grad, p.grad = p.grad.float(), None
+                grad, p.grad = _dist.local(p.grad).float(), None
             work.append((group, p, grad))
         self._pending.clear()
         if self.max_grad_norm is not None:
@@ -429,8 +454,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             total = sharded if total is None else total + sharded
         return total.sqrt()
 
-    def _check_grad(self, group, p, name):
-        grad = p.grad
+    def _check_grad(self, group, p, name, grad=None):
+        grad = p.grad if grad is None else grad
         if grad.is_sparse:
             raise TypeError(f"{name}: sparse gradients are not supported; LowRankAdamW projects dense gradients")
         if grad.shape != p.shape or grad.device != p.device:
@@ -640,6 +665,24 @@ def _check_unhooked(p, name):
     if getattr(p, "_post_accumulate_grad_hooks", None):
         raise ValueError(f"{name}: already has a post-accumulate-grad hook (another layerwise optimizer?); "
                          "layerwise=True steps each param from its own hook, so a param can have one owner")
+
+
+def _ddp_layerwise_hook(state, bucket):
+    """DDP comm hook of LowRankAdamW.register_ddp: average the bucket, then step its params.
+    Synchronous, so the steps run in the backward thread, in the same order on every rank."""
+    optimizer_ref, where, process_group = state
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(process_group))
+    dist.all_reduce(buffer, group=process_group)
+    optimizer = optimizer_ref()
+    if optimizer is not None:
+        with torch.no_grad():
+            for p, grad in zip(bucket.parameters(), bucket.gradients()):
+                if p in where:
+                    optimizer._accumulate(*where[p], p, reduced=grad)
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
 
 
 def _layerwise_hook(optimizer_ref, group, i, position):
