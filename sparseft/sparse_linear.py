@@ -113,8 +113,8 @@ def module_of_values(param):
     """The SparseLinear whose ``weight_values`` is ``param``, or None. Parameters lose their
     attributes when a wrapper (FSDP2) replaces them; the lookup re-tags them."""
     module = getattr(param, "_sparseft_module", None)
-    if module is not None:
-        return module
+    if module is not None or type(param) is nn.Parameter or not isinstance(param, nn.Parameter):
+        return module  # only a wrapper's replacement (a DTensor Parameter) loses the tag
     for candidate in list(_LIVE):
         if candidate._parameters.get("weight_values") is param:
             param._sparseft_module = candidate

@@ -8,6 +8,7 @@ one process's full batch. Resuming on the same world size is bit-exact.
 
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -45,9 +46,20 @@ def _worker(rank, world, port, case, out_dir, options):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_ranks(case, tmp_path, world=WORLD, **options):
-    """Run CASES[case] on ``world`` gloo processes; the list of what each rank returned."""
-    mp.spawn(_worker, args=(world, _free_port(), case, str(tmp_path), options), nprocs=world)
+def run_ranks(case, tmp_path, world=WORLD, timeout=180, **options):
+    """Run CASES[case] on ``world`` gloo processes; the list of what each rank returned. A rank
+    still running after ``timeout`` seconds (a collective left waiting) fails the test."""
+    context = mp.start_processes(_worker, args=(world, _free_port(), case, str(tmp_path), options), nprocs=world,
+                                 join=False, start_method="spawn")
+    try:
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{case}: ranks still running after {timeout} s (a hang in a collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
@@ -216,3 +228,165 @@ def test_two_ranks_equal_one_process(case, tmp_path):
     want = EQUIVALENCE[case][1]()
     for result in results:  # every rank ends with the same full weights, those of one process
         _assert_close(result["weights"], want)
+
+
+# ----------------------------------------------------------------- OwLore and the fused loss under DDP
+class _Blocks(nn.Module):
+    """Three residual blocks named ``layers.N.`` (OwLore's block rule) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(IN, HIDDEN)
+        self.layers = nn.ModuleList(nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+        self.head = nn.Linear(HIDDEN, OUT)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return self.head(h)
+
+
+def _owlore_train(model, optimizer, wrapped, rank=0, world=1):
+    from sparseft.optim.owlore import OwLoreSampler
+    sampler = OwLoreSampler(model, {0: 1.0, 1: 2.0, 2: 3.0}, gamma=1, interval=2, seed=3)
+    for x, y in _batches(6):
+        sampler.step(optimizer)
+        share = x.shape[0] // world
+        rows = slice(rank * share, (rank + 1) * share)
+        nn.functional.mse_loss(wrapped(x[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return _trained_weights(model)
+
+
+def _owlore_groups(model):
+    weights = [p for n, p in model.named_parameters() if p.dim() == 2]
+    return [{"params": weights, "rank": 4, "update_proj_gap": 2, "proj_type": "right"},
+            {"params": [p for p in model.parameters() if p.dim() != 2]}]
+
+
+def _owlore_ddp(rank, world):
+    model = _Blocks()
+    # DDP first, over every parameter: it reduces only the params that require grad when it is
+    # built; find_unused_parameters lets the blocks the sampler freezes go without gradients.
+    wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = LowRankAdamW(_owlore_groups(model), lr=0.05)
+    return {"weights": _owlore_train(model, optimizer, wrapped, rank, world)}
+
+
+def test_owlore_under_ddp_equals_one_process(tmp_path):
+    results = _no_errors(run_ranks("owlore_ddp", tmp_path))
+    model = _Blocks()
+    want = _owlore_train(model, LowRankAdamW(_owlore_groups(model), lr=0.05), model)
+    for result in results:
+        _assert_close(result["weights"], want)
+
+
+VOCAB = 17
+
+
+def _loss_batch():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2 * WORLD, 5, IN, generator=generator)
+    labels = torch.randint(0, VOCAB, (2 * WORLD, 5), generator=generator)
+    labels[0, :4] = -100  # rank 0 holds fewer trained tokens than rank 1
+    labels[3, 1] = -100
+    return x, labels
+
+
+def _loss_model():
+    torch.manual_seed(0)
+    return nn.ModuleDict({"body": nn.Linear(IN, HIDDEN), "head": nn.Linear(HIDDEN, VOCAB, bias=False)})
+
+
+def _fused_loss(model, x, labels, num_items_in_batch=None):
+    from sparseft import linear_cross_entropy
+    return linear_cross_entropy(model["body"](x), model["head"].weight, labels, num_items_in_batch=num_items_in_batch)
+
+
+class _LossWrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, labels, num_items_in_batch):
+        return _fused_loss(self.model, x, labels, num_items_in_batch)
+
+
+def _loss_ddp(rank, world):
+    model = _loss_model()
+    wrapped = nn.parallel.DistributedDataParallel(_LossWrapper(model))
+    x, labels = _loss_batch()
+    rows = slice(rank * 2, rank * 2 + 2)
+    # The Trainer's rule: the token count summed over ranks, and the loss times the world size,
+    # which DDP's gradient average divides back out.
+    count = (labels[rows] != -100).sum()
+    dist.all_reduce(count)
+    (wrapped(x[rows], labels[rows], count) * world).backward()
+    return {"grads": {name: p.grad.clone() for name, p in model.named_parameters()}}
+
+
+def test_fused_loss_normalised_over_ranks_equals_one_process(tmp_path):
+    results = _no_errors(run_ranks("loss_ddp", tmp_path))
+    model = _loss_model()
+    x, labels = _loss_batch()
+    _fused_loss(model, x, labels).backward()
+    want = {name: p.grad for name, p in model.named_parameters()}
+    for result in results:
+        _assert_close(result["grads"], want)
+
+
+# ----------------------------------------------------------------- bad input fails on every rank
+def _bad_mask(rank, world, kind):
+    model = _model()
+    masks = _masks(model)
+    if rank == 1:
+        name = "2.weight"
+        if kind == "out of range":
+            masks[name] = torch.tensor([0, 5, 10_000], dtype=torch.int32)
+        else:  # a valid mask, but not rank 0's
+            masks[name] = masks[name][1:]
+    wrapped = WRAPPERS[options_wrap(kind)](model)
+    try:
+        SparseAdamW(list(model.named_parameters()), masks=masks)
+    except (TypeError, ValueError) as exc:
+        return {"raised": f"{type(exc).__name__}: {exc}"}
+    del wrapped
+    return {"raised": None}
+
+
+def options_wrap(kind):
+    return "fsdp" if kind == "differs" else "ddp"
+
+
+@pytest.mark.parametrize("kind", ["out of range", "differs"])
+def test_a_bad_mask_on_one_rank_fails_on_every_rank(kind, tmp_path):
+    results = _no_errors(run_ranks("bad_mask", tmp_path, kind=kind))
+    assert all(result["raised"] is not None for result in results), results
+    assert all("2.weight" in result["raised"] for result in results), results
+    if kind == "differs":
+        assert all("differs between ranks" in result["raised"] for result in results)
+
+
+def _built_before_sharding(rank, world):
+    model = sparsify(_model(), _masks(_model()))
+    optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad])
+    wrapped = _fsdp(model)
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(wrapped(x), y).backward()
+    try:
+        optimizer.step()
+    except ValueError as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
+def test_optimizer_built_before_fully_shard_is_refused(tmp_path):
+    for result in _no_errors(run_ranks("built_before_sharding", tmp_path)):
+        assert result["raised"] is not None and "after sharding" in result["raised"]
+
+
+CASES.update(owlore_ddp=_owlore_ddp, loss_ddp=_loss_ddp, bad_mask=_bad_mask,
+             built_before_sharding=_built_before_sharding)

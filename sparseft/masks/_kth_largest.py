@@ -35,9 +35,9 @@ def _histogram(pairs, prefix, high_shift, shift, bits):
     per_device = {}
     for a, b in pairs:
         for a_piece, b_piece in _same_device_pieces(a, b):
-            counts = per_device.setdefault(a_piece.device, torch.zeros(1 << bits, dtype=torch.int64,
-                                                                        device=a_piece.device))
-            abs_diff_histogram(a_piece, b_piece, prefix, high_shift, shift, bits, counts)
+            if a_piece.device not in per_device:
+                per_device[a_piece.device] = torch.zeros(1 << bits, dtype=torch.int64, device=a_piece.device)
+            abs_diff_histogram(a_piece, b_piece, prefix, high_shift, shift, bits, per_device[a_piece.device])
     return sum((counts.cpu() for counts in per_device.values()), torch.zeros(1 << bits, dtype=torch.int64))
 
 

@@ -122,6 +122,7 @@ class SparseAdamW(torch.optim.Optimizer):
         check_adamw_hyper(defaults, "")
         self.backend = backend
         self._shards = {}  # DTensor param -> its RowShard
+        self._values_owners = {}  # compact values param -> (its sparsified module, its name)
         self._init_masks = _MaskLookup(masks, "masks")
         self._n_params = 0
         super().__init__(params, defaults)
@@ -171,12 +172,13 @@ class SparseAdamW(torch.optim.Optimizer):
             if error is not None:
                 raise error
             raise ValueError(agreed)
-        for p, state in zip(group["params"], states):
+        for i, (p, state) in enumerate(zip(group["params"], states)):
             if state is not None:
                 self.state[p] = state
             module = _module_of(p)
-            if module is not None and _dist.is_sharded(p):
-                module.values_in_forward = True
+            if module is not None:
+                self._values_owners[p] = (module, self._name(group, i, self._n_params + i))
+                module.values_in_forward = _dist.is_sharded(p)
         self._n_params += len(group["params"])
 
     @staticmethod
@@ -216,6 +218,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_modules_hold_values()
         position = 0
         for group in self.param_groups:
             lr = group["lr"]
@@ -233,6 +236,16 @@ class SparseAdamW(torch.optim.Optimizer):
             position += len(group["params"])
         return loss
 
+    def _check_modules_hold_values(self):
+        """Each sparsified module still holds the values Parameter this optimizer steps: a wrapper
+        that replaced it (fully_shard after the optimizer) leaves it without gradients for good."""
+        for p, (module, name) in self._values_owners.items():
+            if module._parameters.get("weight_values") is not p:
+                raise ValueError(f"{name}: its module's weight_values is no longer this "
+                                 "parameter: a wrapper (fully_shard?) replaced it after the optimizer was built; "
+                                 "build the optimizer after sharding: fully_shard(model), then "
+                                 "SparseAdamW(model.parameters())")
+
     def _prepare(self, p, name_of):
         """(target, gradient, values, state) for one step of ``p`` (local shards under FSDP2);
         creates the moments on first use. ``name_of()`` names ``p`` in errors (built only when
@@ -245,10 +258,6 @@ class SparseAdamW(torch.optim.Optimizer):
             raise TypeError(f"{name_of()}: sparse COO gradients are not supported; SparseAdamW gathers dense or "
                             "compact gradients")
         module = _module_of(p)
-        if module is not None and module._parameters.get("weight_values") is not p:
-            raise ValueError(f"{name_of()}: its module's weight_values is no longer this parameter: a wrapper "
-                             "(fully_shard?) replaced it after the optimizer was built; build the optimizer "
-                             "after sharding: fully_shard(model), then SparseAdamW(model.parameters())")
         if p in self._shards:
             target, values = _dist.local(p), None  # compact values step shard by shard
         elif module is not None:
