@@ -1,12 +1,12 @@
 """Triton kernel of the |a − b| bit-pattern histogram (contract: sparseft/ops/select.py).
 
 One program per BLOCK elements loads its block of a and b once (any mix of float32, bfloat16
-and float16: the pointer types select the loads; bfloat16 arrives as its int16 bits and is
-widened by a shift, exact for subnormals too, which the interpreter's own bfloat16 conversion
-flushes to zero), forms the bit patterns of |a − b| in
-registers and adds one to the digit's bin of the int64 counts with an atomic, masked to the
-entries sharing the prefix. A 2**16-bin histogram is too large for one program's registers or
-shared memory, hence the global atomics.
+and float16), forms the bit patterns of |a − b| in registers and adds one to the digit's bin of
+the int64 counts with an atomic, masked to the entries sharing the prefix. A 2**16-bin histogram
+is too large for one program's registers or shared memory, hence the global atomics.
+
+bfloat16 arrives as its int16 bits and is widened by a shift: exact for subnormals too, which
+the interpreter's own bfloat16 conversion flushes to zero.
 """
 
 import torch
@@ -37,8 +37,8 @@ def _abs_diff_histogram_kernel(a_ptr, b_ptr, counts_ptr, numel, prefix, high_shi
     tl.atomic_add(counts_ptr + digit, tl.full([BLOCK], 1, tl.int64), mask=selected, sem="relaxed")
 
 
-def _bits_if(t, bf16):
-    return t.view(torch.int16) if bf16 else t
+def _bfloat16_as_bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def abs_diff_histogram_triton(a, b, prefix, high_shift, shift, bits, counts):
@@ -47,8 +47,7 @@ def abs_diff_histogram_triton(a, b, prefix, high_shift, shift, bits, counts):
     numel = a.numel()
     if numel == 0:
         return counts
-    a_bf16, b_bf16 = a.dtype == torch.bfloat16, b.dtype == torch.bfloat16
     _abs_diff_histogram_kernel[(triton.cdiv(numel, BLOCK),)](
-        _bits_if(a, a_bf16), _bits_if(b, b_bf16), counts, numel, prefix, high_shift, shift, (1 << bits) - 1,
-        A_BF16=a_bf16, B_BF16=b_bf16, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _bfloat16_as_bits(a), _bfloat16_as_bits(b), counts, numel, prefix, high_shift, shift, (1 << bits) - 1,
+        A_BF16=a.dtype == torch.bfloat16, B_BF16=b.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return counts

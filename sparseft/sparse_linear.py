@@ -186,14 +186,21 @@ class SparseLinear(nn.Module):
         if isinstance(indices, torch.Tensor) and not torch.equal(indices.to(self.weight_indices.device),
                                                                  self.weight_indices):
             self.reindex_(indices)
+        self._values_loaded = prefix + "weight_values" in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _after_load(module, incompatible_keys):
-        # weight is the source of truth: the values follow it, so a plain nn.Linear state dict
-        # (no values, no indices) loads too and keeps the current mask.
-        with torch.no_grad():
-            module.weight_values.copy_(module.weight.view(-1)[module.weight_indices])
+        # Saved values win at the mask: a checkpoint written under FSDP2 holds the trained entries
+        # in weight_values only. A plain nn.Linear state dict (no values, no indices) loads too:
+        # the values then follow the weight, and the current mask is kept. Sharded (FSDP2), the
+        # values and the weight stay apart, as in training.
+        if not module.values_in_forward:
+            with torch.no_grad():
+                if getattr(module, "_values_loaded", False):
+                    _write_values(module.weight, module.weight_values, module.weight_indices)
+                else:
+                    module.weight_values.copy_(module.weight.view(-1)[module.weight_indices])
         module.weight_values._sparseft_module = module  # load_state_dict(assign=True) makes a new Parameter
         derived = {"weight_values", "weight_indices"}
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys

@@ -390,3 +390,79 @@ def test_optimizer_built_before_fully_shard_is_refused(tmp_path):
 
 CASES.update(owlore_ddp=_owlore_ddp, loss_ddp=_loss_ddp, bad_mask=_bad_mask,
              built_before_sharding=_built_before_sharding)
+
+
+# ----------------------------------------------------------------- checkpoints (torch.distributed.checkpoint)
+def _optimizer(kind, model):
+    if kind == "sparse":
+        return SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+    return LowRankAdamW([{"params": [p for p in model.parameters() if p.dim() == 2], "rank": 4,
+                          "update_proj_gap": 3, "proj_type": "right"},
+                         {"params": [p for p in model.parameters() if p.dim() != 2]}], lr=0.05)
+
+
+def _checkpoint_model(kind):
+    model = _model()
+    return sparsify(model, _masks(model), train=r"\.bias$") if kind == "sparse" else model
+
+
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optimizer_state}
+
+
+def _dcp_load(model, optimizer, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _checkpoint(rank, world, kind, phase, path):
+    """phase "save": 2 steps, a checkpoint, 2 more; "resume": load it, the same 2 more."""
+    import torch.distributed.checkpoint as dcp
+    model = _checkpoint_model(kind)
+    wrapped = _fsdp(model)
+    optimizer = _optimizer(kind, model)
+    batches = _batches()
+    if phase == "save":
+        _train(wrapped, optimizer, batches[:2], rank, world)
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=path)
+    else:
+        _dcp_load(model, optimizer, path)
+    _train(wrapped, optimizer, batches[2:], rank, world)
+    return {"weights": _trained_weights(model)}
+
+
+@pytest.mark.parametrize("kind", ["sparse", "lowrank"])
+def test_checkpoint_resumes_bit_exactly_and_loads_on_one_process(kind, tmp_path):
+    path = str(tmp_path / "checkpoint")
+    uninterrupted = _no_errors(run_ranks("checkpoint", tmp_path, kind=kind, phase="save", path=path))
+    resumed = _no_errors(run_ranks("checkpoint", tmp_path, kind=kind, phase="resume", path=path))
+    for before, after in zip(uninterrupted, resumed):  # same world size: bit-exact
+        for name, weight in before["weights"].items():
+            assert torch.equal(weight, after["weights"][name]), name
+
+    # Resharded to one process: the state of a single-process run of the same 2 steps.
+    single = _checkpoint_model(kind)
+    single_optimizer = _optimizer(kind, single)
+    _train(single, single_optimizer, _batches()[:2])
+    loaded = _checkpoint_model(kind)
+    loaded_optimizer = _optimizer(kind, loaded)
+    _dcp_load(loaded, loaded_optimizer, path)
+    _assert_close(_trained_weights(loaded), _trained_weights(single))
+    want, got = single_optimizer.state_dict()["state"], loaded_optimizer.state_dict()["state"]
+    assert want.keys() == got.keys()
+    for index in want:
+        for key, value in want[index].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(got[index][key], value, rtol=1e-5, atol=1e-6, msg=f"{index} {key}")
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(got[index][key], value), (index, key)
+            else:
+                assert got[index][key] == value, (index, key)
+
+
+CASES.update(checkpoint=_checkpoint)

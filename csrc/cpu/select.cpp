@@ -141,8 +141,8 @@ void abs_diff_histogram(const Tensor& a, const Tensor& b, int64_t prefix, int64_
   TORCH_CHECK(bits >= 1 && bits <= 16, "abs_diff_histogram: bits must be in [1, 16], got ", bits);
   TORCH_CHECK(high_shift >= bits && high_shift <= 31, "abs_diff_histogram: high_shift must be in [bits, 31], got ",
               high_shift);
-  TORCH_CHECK(shift >= 0 && shift + bits <= high_shift, "abs_diff_histogram: shift must be in [0, high_shift - bits], got ",
-              shift);
+  TORCH_CHECK(shift >= 0 && shift + bits <= high_shift,
+              "abs_diff_histogram: shift must be in [0, high_shift - bits], got ", shift);
   TORCH_CHECK(prefix >= 0 && prefix < (int64_t{1} << (31 - high_shift)),
               "abs_diff_histogram: prefix must be in [0, 2**(31 - high_shift)), got ", prefix);
   TORCH_CHECK(counts.device().is_cpu() && counts.is_contiguous() && counts.scalar_type() == at::kLong &&

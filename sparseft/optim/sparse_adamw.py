@@ -339,14 +339,21 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self):
-        """torch's state dict; with sharded params (collective then) their state in full-tensor
+        """torch's state dict, with every masked param's moments and step counts: zeros where
+        it has not stepped yet (a fresh state, exactly: each entry's count is 0), so a loader such
+        as torch.distributed.checkpoint, which fills the tensors a state dict already holds, finds
+        them all. With sharded params (collective then) their state is in full-tensor
         coordinates, gathered from the shards, so it loads at any world size."""
         saved = super().state_dict()
-        if self._shards:
-            params = [p for group in self.param_groups for p in group["params"]]
-            for index, p in enumerate(params):
-                if p in self._shards and index in saved["state"]:
-                    saved["state"][index] = self._gathered(p, saved["state"][index])
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            entry = saved["state"].get(index)
+            if entry is None:
+                continue
+            if "exp_avg" not in entry:
+                nnz, device = entry["indices"].numel(), entry["indices"].device
+                entry = {**entry, **{k: torch.zeros(nnz, dtype=t, device=device) for k, t in _STATE_KEYS.items()}}
+            saved["state"][index] = self._gathered(p, entry) if p in self._shards else entry
         return saved
 
     def _gathered(self, p, entry):
