@@ -8,6 +8,8 @@ one process's full batch. Resuming on the same world size is bit-exact.
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
@@ -466,3 +468,20 @@ def test_checkpoint_resumes_bit_exactly_and_loads_on_one_process(kind, tmp_path)
 
 
 CASES.update(checkpoint=_checkpoint)
+
+
+# ----------------------------------------------------------------- the Hugging Face Trainer under torchrun
+@pytest.mark.parametrize("kind", ["sparse", "lowrank"])
+def test_trainer_under_torchrun(kind, tmp_path):
+    pytest.importorskip("transformers")
+    job = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_trainer_job.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               "--master_port", str(_free_port()), job, kind, str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert all(result["world"] == WORLD for result in results)
+    for name, weight in results[0]["weights"].items():  # DDP kept the ranks identical
+        assert torch.equal(weight, results[1]["weights"][name]), name
+    before, after = results[0]["loss"]
+    assert after < 0.7 * before, (before, after)
