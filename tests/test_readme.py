@@ -161,7 +161,27 @@ def check_merged(ns, before):
     assert not torch.equal(base[name].bfloat16(), merged[name])
 
 
-SETUPS = {"Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": merge_inputs}
+def one_rank_process_group(tmp_path):
+    """A gloo process group of one, which fully_shard needs; returns its teardown."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    return dist.destroy_process_group
+
+
+def check_sharded(ns, before):
+    """The sharded sparsified model takes a step; only selected entries of q_proj move."""
+    from sparseft.distributed import DTensor
+    model, optimizer = ns["model"], ns["optimizer"]
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.weight_values, DTensor) and layer.values_in_forward
+    values = layer.weight_values.full_tensor().clone()
+    model(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8)).loss.backward()
+    optimizer.step()
+    assert not torch.equal(values, layer.weight_values.full_tensor())
+
+
+SETUPS = {"Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": merge_inputs,
+          "Past one machine: DDP and FSDP2": one_rank_process_group}
 CHECKS = {
     "Fused masked-loss cross-entropy": check_loss,
     "With a Hugging Face Trainer": check_trainer,
@@ -171,6 +191,7 @@ CHECKS = {
     "Layerwise steps with gradient accumulation, and OwLore layer sampling": check_layerwise_owlore,
     "SaRA: small weights, a nuclear-norm term, progressive re-selection": check_sara,
     "Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": check_merged,
+    "Past one machine: DDP and FSDP2": check_sharded,
 }
 BLOCKS = python_blocks()
 
@@ -180,11 +201,13 @@ def test_readme_has_the_checked_python_blocks():
 
 
 @pytest.mark.parametrize("heading, line, code", BLOCKS, ids=[heading for heading, _, _ in BLOCKS])
-def test_readme_block_runs(heading, line, code, tmp_path, monkeypatch):
+def test_readme_block_runs(heading, line, code, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # blocks save files under relative names
     ns = stand_ins(tmp_path)
     if heading in SETUPS:
-        SETUPS[heading](tmp_path)
+        teardown = SETUPS[heading](tmp_path)
+        if teardown is not None:
+            request.addfinalizer(teardown)
     before = {name: t.clone() for name, t in ns["model"].state_dict().items()}
     # Blank lines in front keep README line numbers in tracebacks.
     exec(compile("\n" * (line - 1) + code, str(README), "exec"), ns)
