@@ -16,10 +16,16 @@ gradient is ever all-gathered.
 import torch
 import torch.distributed as dist
 
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch 2.4
-    from torch.distributed._tensor import DTensor, Shard
+if not dist.is_available():  # a torch build without torch.distributed: nothing is ever sharded
+    class DTensor:  # noqa: D101 -- a stand-in no tensor is an instance of
+        pass
+
+    Shard = None
+else:
+    try:  # torch >= 2.5
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor, Shard
 
 __all__ = ["DTensor", "is_sharded", "local", "RowShard", "row_shard", "gather_rows", "same_on_all_ranks",
            "agree_on_error", "check_one_kind", "rows_as_dtensor", "local_rows"]
