@@ -3,7 +3,10 @@ cross-entropy, with the ``loss_weights`` of :mod:`sparseft.data` collators.
 
 ``fused_causal_lm_loss(model, inputs)`` scores the decoder's last hidden state against the
 output head's weight without materialising the [tokens, vocab] logits.
-``FusedLossTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` uses it.
+``apply_fused_cross_entropy(model)`` makes the model's own training forward compute its loss that
+way, for a plain ``transformers.Trainer`` (or any loop calling ``model(**batch)``).
+``FusedLossTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` uses it; it leaves the
+model untouched and normalises by the summed loss weights (below), which a forward alone cannot.
 ``OwLoreCallback`` drives a ``sparseft.optim.OwLoreSampler`` from the Trainer's step count.
 
 Normalisation in FusedLossTrainer: one optimizer step minimises
@@ -23,9 +26,9 @@ import transformers
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from sparseft.ops import linear_cross_entropy
+from sparseft.ops import cross_entropy, linear_cross_entropy
 
-__all__ = ["FusedLossTrainer", "OwLoreCallback", "fused_causal_lm_loss"]
+__all__ = ["FusedLossTrainer", "OwLoreCallback", "apply_fused_cross_entropy", "fused_causal_lm_loss"]
 
 IGNORE_INDEX = -100  # the Trainer's token count and linear_cross_entropy's default
 _LOSS_OPTIONS = ("z_loss", "label_smoothing", "backend")
@@ -159,6 +162,74 @@ def fused_causal_lm_loss(model, inputs, num_items_in_batch=None, *, z_loss=0.0, 
         shift=True, num_items_in_batch=num_items_in_batch, softcap=softcap,
         z_loss=z_loss, label_smoothing=label_smoothing, backend=backend)
 
+
+
+class _FusedLossForward:
+    """The forward :func:`apply_fused_cross_entropy` installs on a model instance. A callable
+    object rather than a closure, so ``copy.deepcopy`` and pickling rebind it to the copy."""
+
+    def __init__(self, model, inner, options):
+        self.model, self.inner, self.options = model, inner, options
+        signature = inspect.signature(inner)
+        params = list(signature.parameters.values())
+        self._positional = [p.name for p in params
+                            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        if "loss_weights" not in signature.parameters:  # so the Trainer keeps a dataset's loss_weights column
+            extra = inspect.Parameter("loss_weights", inspect.Parameter.KEYWORD_ONLY, default=None)
+            variadic = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+            params = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD] + [extra] + variadic
+        self.__signature__ = signature.replace(parameters=params)
+
+    def __call__(self, *args, **kwargs):
+        inputs = {**dict(zip(self._positional, args)), **kwargs}
+        labels, loss_weights = inputs.get("labels"), inputs.pop("loss_weights", None)
+        if labels is None:
+            return self.inner(**inputs)
+        num_items_in_batch = inputs.pop("num_items_in_batch", None)
+        if self.model.training:
+            loss = fused_causal_lm_loss(self.model, {**inputs, "loss_weights": loss_weights}, num_items_in_batch,
+                                        **self.options)
+            return CausalLMOutputWithPast(loss=loss)
+        if loss_weights is None:  # evaluation: the model's own forward and loss, unchanged
+            return self.inner(**inputs, **({} if num_items_in_batch is None else
+                                           {"num_items_in_batch": num_items_in_batch}))
+        output = self.inner(**{key: value for key, value in inputs.items() if key != "labels"})
+        output.loss = cross_entropy(output.logits, labels.to(output.logits.device), shift=True,
+                                    loss_weights=loss_weights.to(output.logits.device),
+                                    num_items_in_batch=num_items_in_batch)
+        return output
+
+
+def apply_fused_cross_entropy(model, **loss_options):
+    """Makes a Hugging Face causal LM with a linear head compute its *training* loss through
+    :func:`fused_causal_lm_loss` (``linear_cross_entropy`` of the last hidden state, no
+    [tokens, vocab] logits) and returns ``model``.
+
+    The model instance's forward is replaced; in training mode (``model.train()``) a call with
+    ``labels`` returns a ``CausalLMOutputWithPast`` holding only the loss, weighted by
+    ``loss_weights`` when given and divided by ``num_items_in_batch`` when given (the plain
+    Trainer passes its count of target tokens there; without it, by the summed weight of the
+    batch's target tokens). Calls without labels (generation) and calls in eval mode (the
+    Trainer's evaluation) run the model's own forward: logits as before, its own loss, or with
+    ``loss_weights`` the weighted cross-entropy of those logits (``loss_options`` apply only in
+    training). ``loss_options``: z_loss, label_smoothing, backend. Calling it again replaces the
+    options and wraps nothing twice. ``model`` may be wrapped (DDP, torch.compile, PEFT): the
+    inner ``PreTrainedModel`` is changed. TypeError, naming the model and its head, for a model
+    without a separable decoder and linear head.
+    """
+    unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"apply_fused_cross_entropy accepts {_LOSS_OPTIONS}, got unknown {unknown}")
+    try:
+        core = _parts(model)[0]
+    except TypeError as exc:
+        raise TypeError(f"apply_fused_cross_entropy: {exc}") from None
+    installed = core.__dict__.get("forward")
+    if isinstance(installed, _FusedLossForward):
+        installed.options = dict(loss_options)
+    else:
+        core.forward = _FusedLossForward(core, core.forward, dict(loss_options))
+    return model
 
 def _target_weight(batch):
     """Summed weight of a batch's target tokens after the causal shift (their count without weights)."""
