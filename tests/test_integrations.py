@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import sparseft  # noqa: E402
 from sparseft.data import ThoughtMaskCollator  # noqa: E402
-from sparseft.integrations import FusedLossTrainer, fused_causal_lm_loss  # noqa: E402
+from sparseft.integrations import FusedLossTrainer, apply_fused_cross_entropy, fused_causal_lm_loss  # noqa: E402
 from tests.conftest import available_backends  # noqa: E402
 
 VOCAB = 128
@@ -238,3 +238,91 @@ def test_gradient_accumulation_gives_the_same_first_update(tmp_path, weighted):
 def test_trainer_rejects_unknown_fused_loss_kwargs(tmp_path):
     with pytest.raises(TypeError, match="fused_loss_kwargs"):
         FusedLossTrainer(model=_llama(), args=_args(tmp_path), fused_loss_kwargs={"softcap": 3.0})
+
+
+# ----------------------------------------------------------------------------- apply_fused_cross_entropy
+
+def test_applied_fused_loss_and_grads_equal_the_models_own_and_generation_is_unchanged():
+    model, reference = _llama(), _llama()
+    inputs, labels, _ = _batch()
+    prompt = inputs["input_ids"][:1, :5]
+    generated = reference.generate(prompt, max_new_tokens=4, do_sample=False)
+    expected = reference(**inputs, labels=labels, num_items_in_batch=50)
+    expected.loss.backward()
+
+    assert apply_fused_cross_entropy(apply_fused_cross_entropy(model)) is model  # idempotent
+    assert model.forward.inner.__func__ is type(model).forward  # one wrapper, around the model's own forward
+    output = model(**inputs, labels=labels, num_items_in_batch=50)
+    assert output.logits is None  # no [tokens, vocab] logits in training
+    output.loss.backward()
+    torch.testing.assert_close(output.loss, expected.loss.detach(), rtol=1e-5, atol=1e-5)
+    got, want = _grads(model), _grads(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), generated)
+    model.eval()  # evaluation: the model's own forward, logits and loss
+    with torch.no_grad():
+        own = model(**inputs, labels=labels, num_items_in_batch=50)
+    torch.testing.assert_close(own.loss, expected.loss.detach(), rtol=1e-6, atol=1e-6)
+    assert own.logits.shape == (*labels.shape, VOCAB)
+
+
+def test_applied_fused_loss_honours_loss_weights_in_training_and_evaluation():
+    model = apply_fused_cross_entropy(_llama(), z_loss=0.0)
+    inputs, labels, weights = _batch()
+    given = {**inputs, "labels": labels, "loss_weights": weights}
+    trained = model(**given).loss
+    torch.testing.assert_close(trained, fused_causal_lm_loss(model, given), rtol=0, atol=0)
+    assert not torch.allclose(trained, model(**inputs, labels=labels).loss)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(**given)
+    expected = sparseft.cross_entropy(evaluated.logits, labels, loss_weights=weights, shift=True)
+    torch.testing.assert_close(evaluated.loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.loss, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_applied_fused_loss_trains_in_a_plain_trainer_with_loss_weights(tmp_path):
+    model = apply_fused_cross_entropy(_llama())
+    collator = ThoughtMaskCollator(PAD_ID, thought_weight=0.3)
+    dataset = _Examples(16)
+    probe = collator([dataset[i] for i in range(len(dataset))])
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_calls.append(output.shape[1]))
+
+    def probe_loss():
+        with torch.no_grad():
+            return fused_causal_lm_loss(model, probe).item()
+
+    before = probe_loss()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4, max_steps=12,
+                                                           learning_rate=1e-2, per_device_eval_batch_size=16),
+                                   train_dataset=dataset, eval_dataset=dataset, data_collator=collator)
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer passes num_items_in_batch through the forward
+    head_calls.clear()
+    trainer.train()
+    assert head_calls == [1] * 12  # the head ran on the last position only: no full logits
+    after = probe_loss()
+    assert after < 0.7 * before, (before, after)
+    # The plain Trainer divides by its count of target tokens, not by their summed weight.
+    targets = (probe["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        expected = fused_causal_lm_loss(model, probe, num_items_in_batch=targets).item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("model", [
+    pytest.param(lambda: transformers.LlamaModel(_llama().config), id="no-head"),
+    pytest.param(lambda: torch.nn.Linear(4, 4), id="not-a-causal-lm"),
+])
+def test_apply_fused_cross_entropy_names_a_model_without_a_linear_head(model):
+    with pytest.raises(TypeError, match=r"apply_fused_cross_entropy: .*(LlamaModel|Linear)"):
+        apply_fused_cross_entropy(model())
+
+
+def test_apply_fused_cross_entropy_rejects_unknown_options():
+    with pytest.raises(TypeError, match="softcap"):
+        apply_fused_cross_entropy(_llama(), softcap=3.0)
