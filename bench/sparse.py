@@ -302,6 +302,9 @@ def main_rows(args, progress=print):
     args: .device, .repeats, .full, .dtype (None: float32 on CPU, bfloat16 on CUDA), and
     optionally .batch, .seq, .lift_rank, .loss, .grad_checkpointing, .skip_model, .lift_step,
     .masks, .crossover."""
+    if getattr(args, "ddp", None) or getattr(args, "fsdp", None):  # gloo CPU ranks: bench/distributed.py
+        from sparseft.bench import distributed
+        return distributed.main_rows(args, progress)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     progress(f"load average at start: {os.getloadavg()}")
@@ -350,6 +353,9 @@ def _parser():
                         help="only the SparseLinear density crossover (sampled values gradient or dense GEMM)")
     parser.add_argument("--masks", help="the MaskSet file of the masked variants (saved LIFT masks: no selection)")
     parser.add_argument("--masks-out", help="select_masks: where to save the MaskSet")
+    parser.add_argument("--ddp", type=int, metavar="N", help="instead: SmolLM2 steps under DDP on N gloo CPU ranks")
+    parser.add_argument("--fsdp", type=int, metavar="N", help="instead: SmolLM2 steps under FSDP2 on N gloo CPU ranks")
+    parser.add_argument("--tiny", action="store_true", help="--ddp/--fsdp: a tiny config-built Llama, 1 repeat")
     parser.add_argument("--json", help="write the rows to this file")
     return parser
 

@@ -154,7 +154,12 @@ def main(argv=None):
                        help="sparse: saved LIFT masks (a MaskSet file) for --lift-step and the SmolLM2 step, not selected")
     bench.add_argument("--crossover", action="store_true",
                        help="sparse: only the SparseLinear density sweep (sampled values gradient or dense GEMM)")
-    bench.add_argument("--tiny", action="store_true", help="merge: a few-million-parameter Llama (a smoke run)")
+    bench.add_argument("--ddp", type=int, metavar="N", default=None,
+                       help="sparse: instead, SmolLM2 steps under DDP on N gloo CPU processes (bench/distributed.py)")
+    bench.add_argument("--fsdp", type=int, metavar="N", default=None,
+                       help="sparse: instead, SmolLM2 steps under FSDP2 on N gloo CPU processes")
+    bench.add_argument("--tiny", action="store_true",
+                       help="merge, sparse --ddp/--fsdp: a small config-built Llama (a smoke run)")
     bench.add_argument("--smollm2", action="store_true",
                        help="merge: SmolLM2-135M-based fine-tunes, not the 0.5B Llama")
     bench.add_argument("--merges", default="ties,task_arithmetic_lines,linear",
