@@ -67,7 +67,7 @@ def create_optimizer(model, method, **options):
 
     - ``adamw``: full fine-tuning, torch.optim.AdamW over all parameters.
     - ``lift``: LIFT principal weights, ``sparseft.masks.lift(model, rank=128, density=0.05)``
-      (rank: masks.lift's default; density: 5%, LIFT's sparse setting). ``refresh_every`` (None:
+      (rank: masks.lift's default; density: 5% of each matrix). ``refresh_every`` (None:
       never): every N optimizer steps re-select LIFT masks from the current weights and install
       them with ``SparseAdamW.update_masks`` (surviving entries keep their moments).
     - ``sara``: SaRA, the small weights (``masks.sara``, ``threshold`` 2e-3 as SaRA's scripts, or
@@ -96,7 +96,8 @@ def create_optimizer(model, method, **options):
       ``max_grad_norm`` here (TrainingArguments(max_grad_norm=0): the Trainer sees no gradients).
     - ``owlore``: the ``lowrank`` optimizer plus OwLore's block sampling:
       ``OwLoreSampler(model, outlier_ratios(model, calibration, threshold=outlier_threshold),
-      gamma=5, interval=50)`` (OwLore's recipe, M = 13) driven by ``OwLoreCallback``.
+      gamma=5, interval=50)`` (OwLore's recipe, M = 13: see sparseft.optim.owlore) driven by
+      ``OwLoreCallback``; ``always_train`` and ``seed`` go to the sampler.
       ``calibration`` (required): a list of input_ids tensors (or model input dicts).
     - ``ramt``: Regularized Mask Tuning, ``sparseft.ramt.ramt(model, masks=None, targets=None,
       init=1e-2, threshold=5e-3)`` (None/None: every entry of every Linear but the head), AdamW over
@@ -205,11 +206,11 @@ METHODS = {
     "lift": (_lift, {**_SPARSE, "rank": 128, "density": 0.05, "refresh_every": None}),
     "sara": (_sara, {**_SPARSE, "lr": 5e-4, "threshold": None, "fraction": None, "nuclear_norm": 5e-4,
                      "per_step": "one", "penalty_rank": None, "reselect_every": None}),
-    "lottery": (_lottery, {**_SPARSE, "tuned": _Required("the fine-tuned model of LT-SFT's first phase, or its "
-                                                         "state dict"),
-                           "density": 0.05, "scope": "global"}),
+    "lottery": (_lottery, {**_SPARSE, "density": 0.05, "scope": "global",
+                           "tuned": _Required("the fine-tuned model of LT-SFT's first phase, or its state dict")}),
     "half": (_half, {**_ADAMW, "stage_steps": None, "seed": 0, "train": None,
-                     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}),
+                     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                     "mlp": ("gate_proj", "up_proj", "down_proj")}),
     "random": (_random, {**_SPARSE, "density": 0.05, "seed": 0}),
     "lowrank": (_lowrank, _LOWRANK),
     "owlore": (_owlore, {**_LOWRANK, "calibration": _Required("a list of input_ids tensors for the outlier ratios"),
