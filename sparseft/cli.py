@@ -1,5 +1,5 @@
 """The `sparseft` command: `sparseft info`, `sparseft bench [ce|sparse|lowrank|merge]`,
-`sparseft merge CONFIG.yaml OUT`."""
+`sparseft merge CONFIG.yaml OUT`, `sparseft finetune`."""
 
 import argparse
 import json
@@ -116,6 +116,20 @@ def _merge(args):
     return 0
 
 
+def _finetune(args):
+    from sparseft.finetune import compare
+    runs = None
+    if args.runs:
+        runs = [tuple(item.split("/", 1)) if "/" in item else (item, "plain") for item in args.runs.split(",")]
+    try:
+        compare.main(args.method, args.loss, args.steps, args.out, force=args.force, compare=args.compare,
+                     seed=args.seed, eval_problems=args.eval_problems, quiet=args.quiet, tiny=args.tiny, runs=runs)
+    except (ValueError, FileExistsError) as exc:
+        print(f"sparseft finetune: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _merge_help():
     from sparseft.merge import config
     return ("Merge fine-tuned checkpoints as a mergekit YAML configuration describes (methods linear, "
@@ -176,6 +190,21 @@ def main(argv=None):
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=_merge)
+    finetune = sub.add_parser("finetune", help="fine-tune SmolLM2-135M on generated arithmetic, offline: accuracy, "
+                              "forgetting, LiNeS (one method, or --compare)")
+    finetune.add_argument("--method", default="lift", help="adamw, lift, sara, random, half, lowrank, owlore, ramt")
+    finetune.add_argument("--loss", default="plain", help="plain, thought-mask, masked-thought, meap")
+    finetune.add_argument("--steps", type=int, default=150, help="optimizer steps of 8 problems")
+    finetune.add_argument("--compare", action="store_true",
+                          help="the table of methods and losses (full FT with each loss, LIFT, OwLore + LowRankAdamW)")
+    finetune.add_argument("--runs", default=None, help="instead of --compare's set: comma list of METHOD[/LOSS]")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--eval-problems", type=int, default=40, help="held-out problems for exact-match accuracy")
+    finetune.add_argument("--out", default="sparseft-finetune", help="output directory (refused if it exists)")
+    finetune.add_argument("--force", action="store_true", help="replace an existing output directory")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
+    finetune.add_argument("--tiny", action="store_true", help="a random two-block Llama instead of SmolLM2 (smoke run)")
+    finetune.set_defaults(func=_finetune)
     args = parser.parse_args(argv)
     return args.func(args)
 

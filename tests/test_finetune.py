@@ -1,0 +1,96 @@
+"""`sparseft finetune`: the offline SmolLM2 checkpoint, bad input, and a tiny end-to-end run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparseft.finetune import compare  # noqa: E402
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparseft.cli", "finetune", *args], capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "sgd"), "--method: expected one of"),
+    (("--loss", "focal"), "--loss: expected one of"),
+    (("--steps", "0"), "--steps: expected a positive number"),
+    (("--runs", "lift/nope"), "--loss: expected one of"),
+])
+def test_bad_input_is_refused_before_anything_runs(args, message, tmp_path):
+    done = _cli(*args, "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_refused_without_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("mine")
+    done = _cli("--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "--force" in done.stderr
+    assert (tmp_path / "out" / "keep").read_text() == "mine"
+
+
+def _smollm2_or_skip():
+    from sparseft.finetune.model import gguf_model_dir
+    try:
+        gguf_model_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_converted_checkpoint_is_the_gguf_model_and_trainable():
+    """The cached safetensors checkpoint computes the GGUF model's logits, and the Trainer's
+    quantized-model refusal does not apply to it."""
+    _smollm2_or_skip()
+    from sparseft.finetune.model import GGUF_FILE, gguf_model_dir, load_model
+    model, tokenizer = load_model()
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE,
+                                                             dtype=torch.float32)
+    ids = tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gguf(ids).logits)
+
+
+def test_tiny_compare_writes_rows_targets_plot_and_delta(tmp_path):
+    _smollm2_or_skip()  # the tokenizer comes from the same checkpoint
+    out = tmp_path / "run"
+    done = _cli("--tiny", "--runs", "lift,adamw/thought-mask", "--steps", "2", "--eval-problems", "2", "--quiet",
+                "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["loss"]): r for r in report["rows"]}
+    assert set(rows) == {("base", None), ("lift", "plain"), ("adamw", "thought-mask")}
+    for key in (("lift", "plain"), ("adamw", "thought-mask")):
+        row = rows[key]
+        assert "error" not in row and row["steps"] == 2 and len(row["lines"]) == 2
+        assert 0.0 <= row["after"]["accuracy"] <= 1.0 and row["after"]["perplexity"] > 1.0
+        assert row["peak_bytes"] > 0 and row["trainable"] > 0
+    assert rows[("lift", "plain")]["trainable"] < rows[("adamw", "thought-mask")]["trainable"]
+    assert (out / "accuracy_vs_forgetting.png").stat().st_size > 0
+    assert (out / "lift.delta.safetensors").exists() and not (out / "adamw.delta.safetensors").exists()
+    assert "learns the task (each method ≥ base + 10 points)" in report["targets"]
+    assert "lift" in done.stdout and "NOT met" in done.stdout  # a random tiny model learns nothing
+
+
+def test_verdicts_follow_the_rows():
+    def row(method, loss, accuracy, ppl, peak=100, lines=()):
+        return {"method": method, "loss": loss, "after": {"accuracy": accuracy, "perplexity": ppl},
+                "peak_bytes": peak, "lines": list(lines)}
+    rows = [row("base", None, 0.0, 10.0), row("adamw", "plain", 0.5, 14.0, 100, [
+                {"alpha": 0.5, "accuracy": 0.495, "perplexity": 11.0}]),
+            row("lift", "plain", 0.48, 11.5, 40), row("adamw", "thought-mask", 0.55, 13.0)]
+    verdict = compare.verdicts(rows)
+    assert verdict["learns the task (each method ≥ base + 10 points)"]["met"]
+    assert verdict["LIFT forgets less (ppl increase ≤ 0.5× full FT's, accuracy within 3 points)"]["met"]
+    lines = verdict["LiNeS recovers ≥ 50% of full FT's ppl increase, ≤ 1 point accuracy lost"]
+    assert lines["met"] and lines["recovered"] == pytest.approx(0.75)
+    assert verdict["thought masks ≥ plain loss accuracy"]["met"]
+    assert verdict["memory ≤ 0.5× full FT's peak"] == {"met": True, "ratio": {"lift": 0.4}}
