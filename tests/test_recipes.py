@@ -202,3 +202,19 @@ def test_ramt_refuses_a_plain_trainer(tmp_path):
         _trainer(model, optimizer, callbacks, "adamw", tmp_path, max_steps=1).train()
     with pytest.raises(ValueError, match="RAMTObjective"):
         _trainer(model, optimizer, [], "ramt", tmp_path, max_steps=1)
+
+
+def test_ramt_step_without_penalty_and_dropout_takes_the_task_gradient(tmp_path):
+    model = _model(0)
+    optimizer, callbacks = create_optimizer(model, "ramt", penalty=0.0, strength=0.0)
+    trainer = _trainer(model, optimizer, callbacks, "ramt", tmp_path, max_steps=1)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    batch = _Cycle()[:8]
+    targets = batch["labels"][:, 1:].numel()
+    loss = trainer.training_step(model, batch, num_items_in_batch=torch.tensor(targets))
+    scores = [p for p in model.parameters() if p.requires_grad]
+    got = [p.grad.clone() for p in scores]
+    expected = model(**batch).loss
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    for g, e in zip(got, torch.autograd.grad(expected, scores)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-8)

@@ -25,7 +25,8 @@ import transformers
 
 import sparseft
 from sparseft import masks as selectors
-from sparseft.integrations.transformers import OwLoreCallback
+from sparseft.ops import cross_entropy
+from sparseft.integrations.transformers import FusedLossTrainer, OwLoreCallback
 from sparseft.masks.targets import block_index, compile_patterns
 from sparseft.optim import (LowRankAdamW, NuclearNormPenalty, OwLoreSampler, SparseAdamW, lowrank_param_groups,
                             outlier_ratios, sara_reselect)
@@ -335,13 +336,11 @@ class RAMTObjective(transformers.TrainerCallback):
         self.backward_ran = False
 
     def kl(self, model, inputs, student_logits):
-        """ramt_kl of ``student_logits`` to the frozen model's logits on ``inputs``, over the
-        attention mask's positions."""
-        teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights", "num_items_in_batch")}
-
+        """ramt_kl of ``student_logits`` to the frozen model's logits on ``inputs`` (model inputs,
+        no labels), over the attention mask's positions."""
         def teacher():
             with ramt_unmasked(model):
-                return model(**teacher_inputs).logits
+                return model(**inputs).logits
 
         return ramt_kl(student_logits, teacher, self.temperature, weights=inputs.get("attention_mask"))
 
@@ -352,18 +351,20 @@ class RAMTObjective(transformers.TrainerCallback):
         self.backward_ran = False
 
 
-class RAMTTrainer(transformers.Trainer):
-    """A ``transformers.Trainer`` that trains R-AMT: per micro-batch the task loss plus
-    ``ramt_penalty`` and the KL to the frozen model go through ``ramt_backward`` (gradient dropout).
-    Build it as a Trainer with what ``create_optimizer(model, "ramt")`` returned::
+class RAMTTrainer(FusedLossTrainer):
+    """A Trainer for R-AMT: per micro-batch, the task loss plus ``ramt_penalty`` and the KL to the
+    frozen model go through ``ramt_backward`` (gradient dropout). Build it as a Trainer with what
+    ``create_optimizer(model, "ramt")`` returned::
 
         RAMTTrainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
                     callbacks=callbacks)
 
-    The logged loss is the task loss. The penalty and the KL are per-micro-batch terms, divided by
-    the accumulation steps like a per-batch loss. Needs the model's logits (no fused loss). One
-    process only: ``ramt_backward`` takes gradients with ``torch.autograd.grad``, which DDP does
-    not reduce; no fp16 GradScaler (bf16 is fine)."""
+    The task loss is the cross-entropy of the model's logits (R-AMT's KL needs them), weighted by the
+    batch's ``loss_weights`` and normalised over the optimizer step as in :class:`FusedLossTrainer`,
+    whose ``fused_loss_kwargs`` and evaluation it shares; it is the loss logged. The penalty and the
+    KL are per-micro-batch terms, divided by the accumulation steps. One process only:
+    ``ramt_backward`` takes gradients with ``torch.autograd.grad``, which DDP does not reduce; no
+    fp16 GradScaler (bf16 is fine)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -371,8 +372,8 @@ class RAMTTrainer(transformers.Trainer):
         if len(found) != 1:
             raise ValueError("RAMTTrainer needs the one RAMTObjective callback that create_optimizer(model, 'ramt') "
                              f"returns (pass callbacks=callbacks); found {len(found)}")
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError("RAMTTrainer runs in one process on one device (ramt_backward bypasses DDP)")
+        if self.args.world_size > 1:
+            raise ValueError("RAMTTrainer runs in one process (ramt_backward bypasses DDP)")
         if self.args.fp16:
             raise ValueError("RAMTTrainer does not support fp16 loss scaling; use bf16 or float32")
         self.objective = found[0]
@@ -380,14 +381,16 @@ class RAMTTrainer(transformers.Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            task, outputs = self.compute_loss(model, inputs, return_outputs=True,
-                                              num_items_in_batch=num_items_in_batch)
-            kl = self.objective.kl(model, inputs, outputs.logits)
-            penalty = ramt_penalty(model, self.objective.penalty)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")}
         steps = self.current_gradient_accumulation_steps
-        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
-            task = task / steps  # a per-batch mean, as the Trainer scales it
+        with self.compute_loss_context_manager():
+            logits = model(**model_inputs).logits
+            task = cross_entropy(logits, inputs["labels"].to(logits.device), loss_weights=inputs.get("loss_weights"),
+                                 shift=True, num_items_in_batch=num_items_in_batch, **self.fused_loss_kwargs)
+            if num_items_in_batch is None:
+                task = task / steps  # a per-batch mean, as the Trainer scales it
+            kl = self.objective.kl(model, model_inputs, logits)
+            penalty = ramt_penalty(model, self.objective.penalty)
         ramt_backward(model, task + penalty / steps, kl / steps, self.objective.strength)
         self.objective.backward_ran = True
         return task.detach()
