@@ -1,7 +1,7 @@
 """`sparseft bench lowrank`: LowRankAdamW against galore-torch and full AdamW (ratios in one run).
 
 1. Projector refresh, 4096x4096, r=128: galore-torch's refresh (its full SVD) against
-   sparseft.linalg.truncated_svd at the defaults and with more oversampling, cold and warm-started
+   sparseft.linalg.right_singular_vectors (what LowRankAdamW runs) at the defaults and with more oversampling, cold and warm-started
    from the previous gradient's basis. The gradient has the singular-value decay measured on real
    SmolLM2-135M layer gradients (a power law fitted to them; --no-model: an assumed exponent),
    and the overlap ‖P_exactᵀP‖²_F / r is also measured on the real gradients themselves.
@@ -102,7 +102,9 @@ def _refresh_settings(rank):
 
 
 def refresh_rows(alpha, real_gradients, repeats, progress, shape=REFRESH_SHAPE, rank=REFRESH_RANK):
-    from sparseft.linalg import subspace_overlap, truncated_svd
+    """LowRankAdamW's refresh (sparseft.linalg.right_singular_vectors, the basis it projects on)
+    against galore-torch's full SVD: time and overlap with the exact basis."""
+    from sparseft.linalg import right_singular_vectors, subspace_overlap, truncated_svd
     rows = []
     grad = _gradient_with_decay(shape, alpha, seed=0)
     previous = grad + 0.3 * _gradient_with_decay(shape, alpha, seed=1)  # the last refresh's gradient
@@ -110,13 +112,13 @@ def refresh_rows(alpha, real_gradients, repeats, progress, shape=REFRESH_SHAPE, 
     start = time.perf_counter()
     exact = _galore_refresh(grad, rank)
     galore_s = time.perf_counter() - start
-    warm = truncated_svd(previous, rank)[2]
+    warm = right_singular_vectors(previous, rank)
     common = dict(bench="refresh", shape=list(shape), rank=rank, decay_exponent=alpha)
     rows.append(dict(common, method="galore-torch (full SVD)", seconds=galore_s, overlap=1.0))
     for label, kwargs in _refresh_settings(rank).items():
         for start_label, warm_start in (("cold", None), ("warm", warm)):
-            basis = truncated_svd(grad, rank, warm_start=warm_start, **kwargs)[2]
-            seconds = _median_time(lambda: truncated_svd(grad, rank, warm_start=warm_start, **kwargs), repeats)
+            basis = right_singular_vectors(grad, rank, warm_start=warm_start, **kwargs)
+            seconds = _median_time(lambda: right_singular_vectors(grad, rank, warm_start=warm_start, **kwargs), repeats)
             rows.append(dict(common, method=f"sparseft {label}, {start_label}", seconds=seconds,
                              time_vs_galore=seconds / galore_s, overlap=subspace_overlap(exact, basis)))
             progress(f"      {rows[-1]['method']}: {seconds:.2f} s ({seconds / galore_s:.3f}x), "
@@ -126,7 +128,8 @@ def refresh_rows(alpha, real_gradients, repeats, progress, shape=REFRESH_SHAPE, 
         reference = truncated_svd(a, rank, exact=True)[2]
         row = dict(bench="refresh_real", matrix=name, shape=list(g.shape), rank=rank)
         for label, kwargs in _refresh_settings(rank).items():
-            row[label] = min(subspace_overlap(reference, truncated_svd(a, rank, seed=s, **kwargs)[2]) for s in range(3))
+            row[label] = min(subspace_overlap(reference, right_singular_vectors(a, rank, seed=s, **kwargs))
+                             for s in range(3))
         rows.append(row)
     return rows
 
