@@ -25,9 +25,9 @@ import transformers
 
 import sparseft
 from sparseft import masks as selectors
-from sparseft.ops import cross_entropy
 from sparseft.integrations.transformers import FusedLossTrainer, OwLoreCallback
 from sparseft.masks.targets import block_index, compile_patterns
+from sparseft.ops import cross_entropy
 from sparseft.optim import (LowRankAdamW, NuclearNormPenalty, OwLoreSampler, SparseAdamW, lowrank_param_groups,
                             outlier_ratios, sara_reselect)
 from sparseft.ramt import ramt, ramt_backward, ramt_kl, ramt_penalty, ramt_unmasked
