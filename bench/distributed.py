@@ -448,7 +448,8 @@ def table(rows):
                      f"{_ratio(r.get('peak_with_model_bytes_vs_one_process')):>8} {r['loadavg'][0]:>8.2f}")
     traffic = next((r["refresh_traffic"] for r in steps if r.get("refresh_traffic")), None)
     if traffic:
-        lines += ["", "LowRankAdamW refresh under FSDP2: bytes all-reduced per refresh per weight (RowShard.all_reduce)"]
+        lines += ["", "LowRankAdamW refresh under FSDP2: bytes all-reduced per refresh per weight "
+                  "(RowShard.all_reduce)"]
         header = (f"{'weight shape':<12} {'n':>5} {'k=r+p':>5} {'iters':>5} {'weights':>7} {'measured B':>11} "
                   f"{'(it+1)nk4+4':>11} {'2nk4':>9} {'x 2nk4':>7}")
         lines += [header, "-" * len(header)]
