@@ -208,7 +208,7 @@ class RefreshTraffic:
             rows.append({"weight": name, "shape": list(p.shape), "n": n, "k": k, "power_iters": event["power_iters"],
                          "all_reduces": event["all_reduces"],
                          "measured_bytes": sum(b for _, b in event["all_reduces"]),
-                         "expected_bytes": (event["power_iters"] + 1) * n * k * 4 + 4,
+                         "expected_bytes": (event["power_iters"] + 1) * n * k * 4,
                          "limit_bytes": 2 * n * k * 4})
         self.refreshes = []
         return rows

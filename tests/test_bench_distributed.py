@@ -29,7 +29,7 @@ def test_tiny_bench_runs_and_counts_refresh_bytes(tmp_path, monkeypatch, capsys)
         assert r["step_s"] > 0 and len(r["per_rank"]) == r["world"]
     traffic = next(r for r in steps if r["wrapper"] == "fsdp" and r["variant"] == "lowrank")["refresh_traffic"]
     assert {e["power_iters"] for e in traffic} == {1, 2}
-    for event in traffic:  # (power_iters + 1) n×k float32 products and the 4-byte finite flag
+    for event in traffic:  # (power_iters + 1) n×k float32 products, nothing else
         assert event["measured_bytes"] == event["expected_bytes"], event
     summary = rows[-1]
     assert summary["bench"] == "distributed_summary" and "fsdp_lift_peak_bytes_vs_one_process" in summary["verdicts"]

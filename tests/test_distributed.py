@@ -485,3 +485,32 @@ def test_trainer_under_torchrun(kind, tmp_path):
         assert torch.equal(weight, results[1]["weights"][name]), name
     before, after = results[0]["loss"]
     assert after < 0.7 * before, (before, after)
+
+
+def _nonfinite_refresh(rank, world):
+    """A refresh under FSDP2 where one rank's rows hold an Inf: every rank keeps its projector."""
+    import warnings
+    model = _model()
+    wrapped = _fsdp(model)
+    weight = model[2].weight
+    optimizer = LowRankAdamW([{"params": [weight], "rank": 4, "update_proj_gap": 1}], lr=0.05)
+    x, y = _batches(1)[0]
+    for step in range(2):
+        nn.functional.mse_loss(wrapped(x), y).backward()
+        if step == 1 and rank == 1:
+            weight.grad.to_local()[0, 0] = float("inf")
+        kept = optimizer.state[weight].get("projector")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[weight]
+    return {"failed": state["failed_refreshes"], "kept": torch.equal(state["projector"], kept)}
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_refresh_on_every_rank(tmp_path):
+    for result in _no_errors(run_ranks("nonfinite_refresh", tmp_path)):
+        assert result == {"failed": 1, "kept": True}
+
+
+CASES.update(nonfinite_refresh=_nonfinite_refresh)

@@ -493,11 +493,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         seed = position * 2**32 + state["refreshes"]
         state["refreshes"] += 1
         new = None
-        finite = torch.isfinite(grad).all().to(torch.int32)
-        if shard is not None:  # every rank must take the same branch: the factorisation is collective
-            shard.all_reduce(finite)
-            finite = finite == shard.world
-        if bool(finite):
+        # Sharded, every rank must take the same branch (the factorisation is collective), and
+        # no rank sees the others' rows: a non-finite entry anywhere makes the all-reduced
+        # products, hence the factor, non-finite on every rank alike, which the check below rejects.
+        if shard is not None or bool(torch.isfinite(grad).all()):
             try:
                 new = _factor(grad, group, state["side"], previous, seed, shard)
             except torch.linalg.LinAlgError:
