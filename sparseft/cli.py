@@ -122,8 +122,9 @@ def _finetune(args):
     if args.runs:
         runs = [tuple(item.split("/", 1)) if "/" in item else (item, "plain") for item in args.runs.split(",")]
     try:
-        compare.main(args.method, args.loss, args.steps, args.out, force=args.force, compare=args.compare,
-                     seed=args.seed, eval_problems=args.eval_problems, quiet=args.quiet, tiny=args.tiny, runs=runs)
+        compare.main(args.method, args.loss, args.steps, args.out, batch_size=args.batch_size, force=args.force,
+                     compare=args.compare, seed=args.seed, eval_problems=args.eval_problems, quiet=args.quiet,
+                     tiny=args.tiny, runs=runs)
     except (ValueError, FileExistsError) as exc:
         print(f"sparseft finetune: error: {exc}", file=sys.stderr)
         return 2
@@ -194,7 +195,8 @@ def main(argv=None):
                               "forgetting, LiNeS (one method, or --compare)")
     finetune.add_argument("--method", default="lift", help="adamw, lift, sara, random, half, lowrank, owlore, ramt")
     finetune.add_argument("--loss", default="plain", help="plain, thought-mask, masked-thought, meap")
-    finetune.add_argument("--steps", type=int, default=150, help="optimizer steps of 8 problems")
+    finetune.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    finetune.add_argument("--batch-size", type=int, default=4, help="problems per step")
     finetune.add_argument("--compare", action="store_true",
                           help="the table of methods and losses (full FT with each loss, LIFT, OwLore + LowRankAdamW)")
     finetune.add_argument("--runs", default=None, help="instead of --compare's set: comma list of METHOD[/LOSS]")

@@ -18,11 +18,11 @@ COMPARE_RUNS = (("adamw", "plain"), ("adamw", "thought-mask"), ("adamw", "masked
                 ("owlore", "plain"))
 
 
-def _job(out, method, loss, steps, seed, eval_problems, quiet, tiny, lines=True):
+def _job(out, method, loss, steps, batch_size, seed, eval_problems, quiet, tiny, lines=True):
     command = [sys.executable, "-m", "sparseft.finetune.job", "--method", method, "--out", out, "--seed", str(seed),
                "--eval-problems", str(eval_problems)]
     if method != "base":
-        command += ["--loss", loss, "--steps", str(steps)]
+        command += ["--loss", loss, "--steps", str(steps), "--batch-size", str(batch_size)]
     command += ["--quiet"] * quiet + ["--tiny"] * tiny + ["--no-lines"] * (not lines)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # see bench.measure
     done = subprocess.run(command, env=env)
@@ -138,17 +138,19 @@ def check_args(runs, steps, out, force):
         raise FileExistsError(f"--out: {out} exists; pass --force to replace it")
 
 
-def main(method, loss, steps, out, *, force=False, compare=False, seed=0, eval_problems=40, quiet=False, tiny=False,
-         runs=None):
+def main(method, loss, steps, out, *, batch_size=4, force=False, compare=False, seed=0, eval_problems=40,
+         quiet=False, tiny=False, runs=None):
     """Run and report; returns the rows. Arguments are checked before anything is written."""
     runs = list(runs or (COMPARE_RUNS if compare else [(method, loss)]))
     check_args(runs, steps, out, force)
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size: expected a positive number of problems, got {batch_size}")
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    rows = [_job(out, "base", None, steps, seed, eval_problems, quiet, tiny)]
+    rows = [_job(out, "base", None, steps, batch_size, seed, eval_problems, quiet, tiny)]
     for run_method, run_loss in runs:
-        rows.append(_job(out, run_method, run_loss, steps, seed, eval_problems, quiet, tiny))
+        rows.append(_job(out, run_method, run_loss, steps, batch_size, seed, eval_problems, quiet, tiny))
     report = {"rows": rows, "targets": verdicts(rows), "command": " ".join(sys.argv)}
     with open(os.path.join(out, "results.json"), "w") as results:
         json.dump(report, results, indent=1)

@@ -38,7 +38,7 @@ def answer_accuracy(model, tokenizer, problems, batch_size=16, max_new_tokens=96
     return correct / len(problems), texts
 
 
-def general_text_ids(tokenizer, tokens=8192, seq=256):
+def general_text_ids(tokenizer, tokens=4096, seq=256):
     """[tokens // seq, seq] token ids of pydoc's topics (sorted by name), from the start."""
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[name] for name in sorted(topics))
