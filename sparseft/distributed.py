@@ -13,6 +13,8 @@ Nothing here communicates more than the optimizers' own small tensors: no parame
 gradient is ever all-gathered.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -28,7 +30,7 @@ else:
         from torch.distributed._tensor import DTensor, Shard
 
 __all__ = ["DTensor", "is_sharded", "local", "RowShard", "row_shard", "gather_rows", "same_on_all_ranks",
-           "agree_on_error", "check_one_kind", "rows_as_dtensor", "local_rows"]
+           "agree_on_error", "check_one_kind", "rows_as_dtensor", "local_rows", "warn_if_no_gradients"]
 
 
 def is_sharded(t):
@@ -159,3 +161,17 @@ def agree_on_error(error, group=None):
         return None
     rank, message = failed[0]
     return message if error is not None else f"rank {rank}: {message}"
+
+
+def warn_if_no_gradients(optimizer):
+    """Under torch.distributed, warn once when a step finds no gradient on any of the optimizer's
+    parameters: the usual cause is an optimizer built before ``fully_shard``, which holds the
+    parameters FSDP2 replaced (they never receive gradients again)."""
+    if getattr(optimizer, "_warned_no_gradients", False) or not dist.is_available() or not dist.is_initialized():
+        return
+    if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+        return
+    optimizer._warned_no_gradients = True
+    warnings.warn(f"{type(optimizer).__name__}.step(): none of its parameters has a gradient. Was it built before "
+                  "fully_shard? FSDP2 replaces the parameters; build the optimizer after sharding", RuntimeWarning,
+                  stacklevel=3)

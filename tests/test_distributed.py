@@ -514,3 +514,24 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_refresh_on_every_rank(tmp_p
 
 
 CASES.update(nonfinite_refresh=_nonfinite_refresh)
+
+
+def _dense_built_before_sharding(rank, world):
+    import warnings
+    model = _model()
+    optimizer = LowRankAdamW([{"params": [p for p in model.parameters() if p.dim() == 2], "rank": 4}])
+    wrapped = _fsdp(model)
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(wrapped(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    return {"warnings": [str(w.message) for w in caught]}
+
+
+def test_a_dense_optimizer_built_before_fully_shard_warns(tmp_path):
+    for result in _no_errors(run_ranks("dense_built_before_sharding", tmp_path)):
+        assert any("built before fully_shard" in message for message in result["warnings"]), result
+
+
+CASES.update(dense_built_before_sharding=_dense_built_before_sharding)

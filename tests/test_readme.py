@@ -112,6 +112,14 @@ def check_lowrank_training(ns, before):
         assert not torch.equal(before[name], after[name]), f"{name} did not train"
 
 
+def check_recipe_training(ns, before):
+    """Two LIFT steps through the fused loss: masked entries of a linear moved, its others did not."""
+    assert ns["trainer"].state.global_step == 2
+    name = "model.layers.0.mlp.up_proj.weight"
+    moved = before[name] != ns["model"].state_dict()[name]
+    assert moved.any() and moved.float().mean() <= 0.05 + 1e-6
+
+
 def check_layerwise_owlore(ns, before):
     """Layerwise steps through the Trainer; only the sampled blocks (and the non-block params) moved."""
     assert ns["trainer"].state.global_step == 2 and ns["optimizer"].last_grad_norm is not None
@@ -192,6 +200,7 @@ CHECKS = {
     "SaRA: small weights, a nuclear-norm term, progressive re-selection": check_sara,
     "Layerwise scaled merges (LiNeS, TIES, DARE, consensus)": check_merged,
     "Past one machine: DDP and FSDP2": check_sharded,
+    "One-line Trainer setup, and R-AMT": check_recipe_training,
 }
 BLOCKS = python_blocks()
 

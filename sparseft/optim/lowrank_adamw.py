@@ -318,6 +318,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if self.layerwise:
             self._finish_layerwise_step()
             return loss
+        _dist.warn_if_no_gradients(self)
         work = [(group, i, position, p) for group, i, position, p in self._params() if p.grad is not None]
         for group, i, position, p in work:  # every gradient is checked before any state changes
             self._check_grad(group, p, self._name(group, i, position))

@@ -219,6 +219,7 @@ class SparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_modules_hold_values()
+        _dist.warn_if_no_gradients(self)
         position = 0
         for group in self.param_groups:
             lr = group["lr"]
