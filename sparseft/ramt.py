@@ -57,7 +57,7 @@ from torch.nn import functional as F
 from sparseft.masks._validate import mask_dtype, validate_mask
 from sparseft.masks.targets import select_targets
 from sparseft.ops.sampled_grad import DENSE_GEMM_MIN_DENSITY, resolve_backend, sampled_grad_2d
-from sparseft.sparse_linear import _compute_dtype, _gemm_then_gather, _parent_and_child
+from sparseft.sparse_linear import _compute_dtype, _gemm_then_gather, _parent_and_child, replace_with_linear
 
 __all__ = ["RAMTLinear", "ramt", "ramt_merge", "ramt_penalty", "ramt_kl", "ramt_unmasked", "gradient_dropout",
            "ramt_backward", "ramt_mask_counts", "DEFAULT_INIT", "DEFAULT_THRESHOLD", "DEFAULT_PENALTY"]
@@ -268,14 +268,7 @@ def ramt(model, masks=None, targets=None, init=DEFAULT_INIT, threshold=DEFAULT_T
 def ramt_merge(model):
     """Replaces, in place, every :class:`RAMTLinear` by an nn.Linear holding its masked weight
     W ⊙ mask (a new tensor; the original weight is not written) and its bias. Returns ``model``."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, RAMTLinear):
-            if not name:
-                raise ValueError("ramt_merge needs a model that contains RAMTLinear layers, not one itself; "
-                                 "use RAMTLinear.to_linear()")
-            parent, child = _parent_and_child(model, name)
-            setattr(parent, child, module.to_linear())
-    return model
+    return replace_with_linear(model, RAMTLinear, "ramt_merge")
 
 
 def ramt_penalty(model, weight=DEFAULT_PENALTY):

@@ -306,11 +306,16 @@ def unsparsify(model):
     weight and bias. Each weight gets back the ``requires_grad`` it had when wrapped, which after
     :func:`sparsify` is False like everything sparsify froze (``model.requires_grad_()`` makes
     the whole model trainable again). Returns ``model``."""
+    return replace_with_linear(model, SparseLinear, "unsparsify")
+
+
+def replace_with_linear(model, kind, caller):
+    """Replaces, in place, every ``kind`` module inside ``model`` by its ``to_linear()``."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, SparseLinear):
+        if isinstance(module, kind):
             if not name:
-                raise ValueError("unsparsify needs a model that contains SparseLinear modules, not one itself; "
-                                 "use SparseLinear.to_linear()")
+                raise ValueError(f"{caller} needs a model that contains {kind.__name__} modules, not one itself; "
+                                 f"use {kind.__name__}.to_linear()")
             parent, child = _parent_and_child(model, name)
             setattr(parent, child, module.to_linear())
     return model
