@@ -295,6 +295,8 @@ def test_half_counts_full_masks_and_determinism():
         assert torch.equal(indices, torch.arange(params[name].numel(), dtype=torch.int32))
     again = M.half(model, seed=0, stage=0)
     assert list(again) == list(masks)
+    assert M.half_matrices(model, seed=0, stage=0) == list(masks)
+    assert M.half_matrices(model.state_dict(), seed=0, stage=0) == list(masks)  # a state dict draws alike
     stages = {tuple(M.half(model, seed=0, stage=s)) for s in range(6)}
     assert len(stages) > 1
 

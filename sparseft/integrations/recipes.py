@@ -82,7 +82,7 @@ def create_optimizer(model, method, **options):
       ``model``: the masks are the ``density`` (0.05) largest |tuned − model| entries
       (``masks.lottery``, ``scope`` "global"), and training starts again from the pretrained
       weights at those entries.
-    - ``half``: Half Fine-Tuning, ``masks.half(model, seed, stage)``: per block, half of the
+    - ``half``: Half Fine-Tuning, ``masks.half_matrices(model, seed, stage)``: per block, half of the
       ``attention`` and ``mlp`` matrices train as plain dense nn.Linear weights; the other half has
       ``requires_grad=False`` and computes no weight gradient. Everything outside these matrices is
       frozen unless ``train`` names it. torch.optim.AdamW over all of them;
@@ -229,7 +229,7 @@ def _check_steps(value, name):
 
 def _block_matrices(model, leaves):
     """[(name, weight)] of the modules named by ``leaves`` (last name component) inside numbered
-    transformer blocks: what ``masks.half`` draws from."""
+    transformer blocks: what ``masks.half_matrices`` draws from."""
     matrices = []
     for name, p in model.named_parameters():
         parts = name.split(".")
@@ -302,7 +302,7 @@ class NuclearNormCallback(transformers.TrainerCallback):
 
 class HalfFineTuningCallback(transformers.TrainerCallback):
     """Half Fine-Tuning's per-stage re-draw. Stage ``global_step // stage_steps`` (always 0 without
-    ``stage_steps``) trains ``masks.half(model, seed, stage)``: those of ``matrices`` require grad,
+    ``stage_steps``) trains ``masks.half_matrices(model, seed, stage)``: those of ``matrices`` require grad,
     the others do not, lose their ``.grad`` and their optimizer state. The stage is derived from
     the step when each step begins, so a resumed Trainer re-enters the checkpoint's stage."""
 
@@ -314,7 +314,7 @@ class HalfFineTuningCallback(transformers.TrainerCallback):
     def enter(self, stage):
         if stage == self.stage:
             return
-        trained = selectors.half(self.model, seed=self.seed, stage=stage, attention=self.attention, mlp=self.mlp)
+        trained = set(selectors.half_matrices(self.model, self.seed, stage, self.attention, self.mlp))
         for name, p in self.matrices:
             p.requires_grad_(name in trained)
             if name not in trained:

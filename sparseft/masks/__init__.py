@@ -6,7 +6,7 @@ into ``param.view(-1)``; a MaskSet maps parameter names to masks.
 
 from sparseft.masks._validate import mask_dtype, validate_mask
 from sparseft.masks.maskset import DensityReport, MaskSet
-from sparseft.masks.selectors import gradient, half, lift, lottery, random, sara
+from sparseft.masks.selectors import gradient, half, half_matrices, lift, lottery, random, sara
 from sparseft.masks.targets import select_targets
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "MaskSet",
     "gradient",
     "half",
+    "half_matrices",
     "lift",
     "lottery",
     "mask_dtype",

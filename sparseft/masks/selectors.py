@@ -224,20 +224,20 @@ def gradient(model, batches, density, loss_fn=None, targets="all-linear", includ
     return _maskset(masks, tensors, "gradient", density=density, targets=targets, include=include)
 
 
-def half(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_proj"),
-         mlp=("gate_proj", "up_proj", "down_proj")):
-    """Half Fine-Tuning: train half of the weight matrices of each transformer block.
+def half_matrices(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+                  mlp=("gate_proj", "up_proj", "down_proj")):
+    """Half Fine-Tuning's draw: the names of the weight matrices that train, in parameter order.
 
     Blocks are found by `.layers.<i>.` / `.h.<i>.` / `.blocks.<i>.` in parameter names.
     Per block and group (attention / mlp, matched by the module's last name component), a
     group of n matrices trains n // 2 of them in a random half of the blocks (len // 2 of
     them) and n - n // 2 in the rest: attention trains exactly 2 of q,k,v,o everywhere; the
-    MLP trains 1 of gate/up/down in half of the blocks and 2 in the others. Selected
-    matrices get a full mask. Deterministic for (seed, stage); each stage re-draws.
+    MLP trains 1 of gate/up/down in half of the blocks and 2 in the others. Deterministic for
+    (seed, stage); each stage re-draws.
     """
-    tensors = named_tensors(model)
+    names = list(named_tensors(model))
     groups = {"attention": {}, "mlp": {}}  # group -> {block index -> [names]}
-    for name in tensors:
+    for name in names:
         block = block_index(name)
         parts = name.split(".")
         if block is None or parts[-1] != "weight" or len(parts) < 2:
@@ -248,15 +248,21 @@ def half(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_pro
     if not any(groups.values()):
         raise ValueError("half: found no attention or MLP matrices inside numbered transformer blocks")
     generator = torch.Generator().manual_seed(_seed_for("half", seed, stage))
-    masks = {}
+    trained = set()
     for group in ("attention", "mlp"):
         blocks = sorted(groups[group])
         fewer = {blocks[i] for i in torch.randperm(len(blocks), generator=generator)[: len(blocks) // 2].tolist()}
         for block in blocks:
-            names = groups[group][block]
-            n = len(names)
-            count = n // 2 if block in fewer else n - n // 2
-            for i in sorted(torch.randperm(n, generator=generator)[:count].tolist()):
-                masks[names[i]] = _full(tensors[names[i]].numel(), tensors[names[i]].device)
-    ordered = {name: masks[name] for name in tensors if name in masks}
+            members = groups[group][block]
+            count = len(members) // 2 if block in fewer else len(members) - len(members) // 2
+            trained.update(members[i] for i in torch.randperm(len(members), generator=generator)[:count].tolist())
+    return [name for name in names if name in trained]
+
+
+def half(model, seed=0, stage=0, attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+         mlp=("gate_proj", "up_proj", "down_proj")):
+    """Half Fine-Tuning as masks: a full mask on each matrix of :func:`half_matrices`."""
+    tensors = named_tensors(model)
+    ordered = {name: _full(tensors[name].numel(), tensors[name].device)
+               for name in half_matrices(model, seed, stage, attention, mlp)}
     return _maskset(ordered, tensors, "half", seed=seed, stage=stage, attention=list(attention), mlp=list(mlp))
