@@ -95,11 +95,12 @@ def _trainer(model, optimizer, callbacks, method, data, collate, steps, batch_si
 
 
 def _trainable(model, optimizer):
-    """Entries the optimizer can change: mask sizes for sparse methods, else trainable elements."""
+    """Entries the last step trained: mask sizes for sparse layers, else elements that require grad
+    (Half Fine-Tuning's current half, OwLore's sampled blocks)."""
     from sparseft.sparse_linear import SparseLinear
     sparse = sum(m.weight_indices.numel() for m in model.modules() if isinstance(m, SparseLinear))
     dense = sum(p.numel() for group in optimizer.param_groups for p in group["params"]
-                if getattr(p, "_sparseft_module", None) is None)
+                if p.requires_grad and getattr(p, "_sparseft_module", None) is None)
     return sparse + dense
 
 
