@@ -122,10 +122,16 @@ def _finetune(args):
     if args.runs:
         runs = [tuple(item.split("/", 1)) if "/" in item else (item, "plain") for item in args.runs.split(",")]
     try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        print(f"sparseft finetune: error: --seeds: expected a comma list of integers, got {args.seeds!r}",
+              file=sys.stderr)
+        return 2
+    try:
         compare.main(args.method, args.loss, args.steps, args.out, batch_size=args.batch_size, force=args.force,
-                     compare=args.compare, seed=args.seed, eval_problems=args.eval_problems, quiet=args.quiet,
-                     tiny=args.tiny, runs=runs)
-    except (ValueError, FileExistsError) as exc:
+                     compare=args.compare, seeds=seeds, eval_problems=args.eval_problems, quiet=args.quiet,
+                     tiny=args.tiny, runs=runs, report_from=args.report_from and args.report_from.split(","))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"sparseft finetune: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -200,7 +206,10 @@ def main(argv=None):
     finetune.add_argument("--compare", action="store_true",
                           help="the table of methods and losses (full FT with each loss, LIFT, OwLore + LowRankAdamW)")
     finetune.add_argument("--runs", default=None, help="instead of --compare's set: comma list of METHOD[/LOSS]")
-    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--seeds", default="0", help="comma list; several report the mean ± standard deviation")
+    finetune.add_argument("--report-from", default=None, metavar="DIRS",
+                          help="comma list of earlier output directories (or their results.json): report their rows "
+                               "together in --out, training nothing")
     finetune.add_argument("--eval-problems", type=int, default=40, help="held-out problems for exact-match accuracy")
     finetune.add_argument("--out", default="sparseft-finetune", help="output directory (refused if it exists)")
     finetune.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -22,6 +22,9 @@ def _cli(*args):
     (("--loss", "focal"), "--loss: expected one of"),
     (("--steps", "0"), "--steps: expected a positive number"),
     (("--runs", "lift/nope"), "--loss: expected one of"),
+    (("--seeds", "0,x"), "--seeds: expected a comma list of integers"),
+    (("--seeds", "1,1"), "--seeds: expected distinct"),
+    (("--report-from", "/nonexistent/run"), "--report-from: /nonexistent/run is neither"),
 ])
 def test_bad_input_is_refused_before_anything_runs(args, message, tmp_path):
     done = _cli(*args, "--out", str(tmp_path / "out"))
@@ -94,3 +97,41 @@ def test_verdicts_follow_the_rows():
     assert lines["met"] and lines["recovered"] == pytest.approx(0.75)
     assert verdict["thought masks ≥ plain loss accuracy"]["met"]
     assert verdict["memory ≤ 0.5× full FT's peak"] == {"met": True, "ratio": {"lift": 0.4}}
+
+
+def _row(method, loss, seed, accuracy, ppl, peak=100, lines=()):
+    return {"method": method, "loss": loss, "seed": seed, "after": {"accuracy": accuracy, "perplexity": ppl},
+            "peak_bytes": peak, "step_s": 1.0, "trainable": 10, "lines": list(lines)}
+
+
+def test_seeds_are_judged_on_their_means_with_paired_spreads():
+    rows = []
+    for seed, (plain, masked) in enumerate([(0.5, 0.6), (0.3, 0.2), (0.4, 0.55)]):
+        rows += [_row("base", None, seed, 0.0, 10.0), _row("adamw", "plain", seed, plain, 12.0 + seed),
+                 _row("adamw", "masked-thought", seed, masked, 12.0)]
+    means = {(r["method"], r["loss"]): r for r in compare.mean_rows(rows)}
+    assert means[("adamw", "plain")]["after"]["perplexity"] == pytest.approx(13.0)
+    assert means[("adamw", "plain")]["per_seed"]["accuracy"] == [0.5, 0.3, 0.4]
+    verdict = compare.verdicts(rows)["thought masks ≥ plain loss accuracy"]
+    assert verdict["met"] and verdict["difference"]["masked-thought"] == pytest.approx(0.05)
+    assert verdict["difference_per_seed"]["masked-thought"] == pytest.approx([0.1, -0.1, 0.15])
+    assert verdict["difference_sd"]["masked-thought"] == pytest.approx(0.1322876, rel=1e-5)
+    printed = compare.table(rows)
+    assert "0.400±0.100" in printed and "+3.00±1.00" in printed  # Δppl's spread pairs each seed with its base
+    with pytest.raises(ValueError, match="adamw/plain: seed"):
+        compare.mean_rows(rows + [_row("adamw", "plain", 1, 0.9, 11.0)])
+
+
+def test_report_from_earlier_runs_combines_their_seeds(tmp_path):
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        rows = [_row("base", None, seed, 0.0, 10.0), _row("adamw", "plain", seed, 0.2 + 0.2 * seed, 12.0)]
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps({"rows": rows}))
+    done = _cli("--report-from", f"{tmp_path / 's0'},{tmp_path / 's1' / 'results.json'}", "--out",
+                str(tmp_path / "both"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert len(report["rows"]) == 4
+    full = next(r for r in report["means"] if r["method"] == "adamw")
+    assert full["seeds"] == [0, 1] and full["after"]["accuracy"] == pytest.approx(0.3)
+    assert (tmp_path / "both" / "accuracy_vs_forgetting.png").stat().st_size > 0
