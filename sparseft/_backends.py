@@ -129,6 +129,31 @@ def resolve_checked(device, implemented, requested, op_kernel_status):
         candidates.remove(name)
 
 
+class OpKernels:
+    """One op's kernels by backend, for an op whose backends share one signature: ``reference``
+    on torch, ``torch.ops.sparseft_C.<native_op>`` on cpu and cuda, and
+    ``<triton_module>.<triton_function>`` on triton (imported when first called)."""
+
+    def __init__(self, reference, native_op, triton_module, triton_function, implemented=BACKENDS):
+        self.reference, self.native_op = reference, native_op
+        self.triton_module, self.triton_function = triton_module, triton_function
+        self.implemented = tuple(implemented)
+
+    def status(self, name):
+        """(available, reason) of this op's own kernel on backend ``name``: see kernel_status."""
+        return kernel_status(name, native_op=self.native_op, triton_module=self.triton_module)
+
+    def resolve(self, device, requested):
+        return resolve_checked(device, self.implemented, requested, self.status)
+
+    def __getitem__(self, name):
+        if name == "torch":
+            return self.reference
+        if name in ("cpu", "cuda"):
+            return getattr(torch.ops.sparseft_C, self.native_op)
+        return getattr(importlib.import_module(self.triton_module), self.triton_function)
+
+
 def report():
     """Rows of (backend, device type, available, reason) for `sparseft info`."""
     rows = []

@@ -24,7 +24,7 @@ SEEDS = [11, 2**62 + 5, 2**63 - 1]
 def _backend_reason(name):
     ok, reason = _backends.availability(name, "cpu")
     if ok:
-        ok, reason = merge_op._kernel_status(name)
+        ok, reason = merge_op.KERNELS.status(name)
     return None if ok else reason
 
 
@@ -264,7 +264,7 @@ def test_out_is_base_merges_in_place(backend, dtype):
 
 def test_missing_kernel_falls_back_unless_requested(monkeypatch):
     monkeypatch.delenv("SPARSEFT_BACKEND", raising=False)
-    monkeypatch.setattr(merge_op, "_kernel_status", lambda name: (name == "torch", f"no {name} kernel"))
+    monkeypatch.setattr(merge_op.KERNELS, "status", lambda name: (name == "torch", f"no {name} kernel"))
     base, tuned = _inputs(shape=(10,))
     out = merge_tensor(base, tuned, weights=WEIGHTS)
     _assert_close_f32(out, _reference(base, tuned, weights=WEIGHTS))
@@ -388,7 +388,7 @@ def _gpu_params():
         else:
             ok, reason = _backends.availability(name, "cuda")
             if ok:
-                ok, reason = merge_op._kernel_status(name)
+                ok, reason = merge_op.KERNELS.status(name)
             reason = None if ok else reason
         params.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")) if reason else name)
     return params

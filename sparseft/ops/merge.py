@@ -163,24 +163,8 @@ def merge_tensor_torch(base, tuned, weights, thresholds, keep_probs, cutoffs, se
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _kernel_status(name):
-    return _backends.kernel_status(name, native_op="merge_tensor", triton_module="sparseft.kernels.merge")
-
-
-def _resolve(device, requested):
-    return _backends.resolve_checked(device, IMPLEMENTED, requested, _kernel_status)
-
-
-def _native(*args):
-    torch.ops.sparseft_C.merge_tensor(*args)
-
-
-def _triton(*args):
-    from sparseft.kernels.merge import merge_tensor_triton
-    merge_tensor_triton(*args)
-
-
-_KERNELS = {"torch": merge_tensor_torch, "cpu": _native, "cuda": _native, "triton": _triton}
+KERNELS = _backends.OpKernels(merge_tensor_torch, native_op="merge_tensor", triton_module="sparseft.kernels.merge",
+                              triton_function="merge_tensor_triton")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -352,7 +336,7 @@ def merge_tensor(base, tuned, *, weights, thresholds=None, keep_probs=None, seed
     """
     weights, theta, probs, cutoffs, seeds, lam, k, scale, index_offset, out_dtype = _check_args(
         base, tuned, weights, thresholds, keep_probs, seeds, consensus, scale, index_offset, out_dtype, out)
-    name = _resolve(base.device, backend)
+    name = KERNELS.resolve(base.device, backend)
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     if base.numel() == 0:
@@ -360,6 +344,6 @@ def merge_tensor(base, tuned, *, weights, thresholds=None, keep_probs=None, seed
     in_place = out.data_ptr() == base.data_ptr()
     base_c = base if in_place else base.contiguous()
     tuned_c = [x.contiguous() for x in tuned]
-    _KERNELS[name](base_c, tuned_c, weights, theta, probs, cutoffs, seeds, bool(elect_sign), bool(normalize),
+    KERNELS[name](base_c, tuned_c, weights, theta, probs, cutoffs, seeds, bool(elect_sign), bool(normalize),
                    lam, k, scale, index_offset, out)
     return out

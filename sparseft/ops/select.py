@@ -48,24 +48,8 @@ def abs_diff_histogram_torch(a, b, prefix, high_shift, shift, bits, counts):
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _kernel_status(name):
-    return _backends.kernel_status(name, native_op="abs_diff_histogram", triton_module="sparseft.kernels.select")
-
-
-def _resolve(device, requested):
-    return _backends.resolve_checked(device, IMPLEMENTED, requested, _kernel_status)
-
-
-def _native(*args):
-    torch.ops.sparseft_C.abs_diff_histogram(*args)
-
-
-def _triton(*args):
-    from sparseft.kernels.select import abs_diff_histogram_triton
-    abs_diff_histogram_triton(*args)
-
-
-_KERNELS = {"torch": abs_diff_histogram_torch, "cpu": _native, "cuda": _native, "triton": _triton}
+KERNELS = _backends.OpKernels(abs_diff_histogram_torch, native_op="abs_diff_histogram", triton_module="sparseft.kernels.select",
+                              triton_function="abs_diff_histogram_triton")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -119,9 +103,9 @@ def abs_diff_histogram(a, b, prefix, high_shift, shift, bits, counts, backend=No
     forces one). Bad arguments raise TypeError/ValueError naming the argument before any kernel
     runs."""
     prefix, high_shift, shift, bits = _check_args(a, b, prefix, high_shift, shift, bits, counts)
-    name = _resolve(a.device, backend)
+    name = KERNELS.resolve(a.device, backend)
     if a.numel() == 0:
         return counts
     a_flat, b_flat = a.detach().reshape(-1).contiguous(), b.detach().reshape(-1).contiguous()
-    _KERNELS[name](a_flat, b_flat, prefix, high_shift, shift, bits, counts)
+    KERNELS[name](a_flat, b_flat, prefix, high_shift, shift, bits, counts)
     return counts
