@@ -15,6 +15,7 @@
 // This file also declares the op's schema once for every backend (the CUDA binding only
 // registers an implementation).
 
+#include "../select_args.h"
 #include "vec_capability.h"
 
 #include <ATen/ATen.h>
@@ -138,13 +139,7 @@ void abs_diff_histogram(const Tensor& a, const Tensor& b, int64_t prefix, int64_
                   b.numel() == a.numel(),
               "abs_diff_histogram: b must be a contiguous float32/bfloat16/float16 CPU tensor of a's ", a.numel(),
               " elements");
-  TORCH_CHECK(bits >= 1 && bits <= 16, "abs_diff_histogram: bits must be in [1, 16], got ", bits);
-  TORCH_CHECK(high_shift >= bits && high_shift <= 31, "abs_diff_histogram: high_shift must be in [bits, 31], got ",
-              high_shift);
-  TORCH_CHECK(shift >= 0 && shift + bits <= high_shift,
-              "abs_diff_histogram: shift must be in [0, high_shift - bits], got ", shift);
-  TORCH_CHECK(prefix >= 0 && prefix < (int64_t{1} << (31 - high_shift)),
-              "abs_diff_histogram: prefix must be in [0, 2**(31 - high_shift)), got ", prefix);
+  check_digit_args(prefix, high_shift, shift, bits);
   TORCH_CHECK(counts.device().is_cpu() && counts.is_contiguous() && counts.scalar_type() == at::kLong &&
                   counts.numel() == (int64_t{1} << bits),
               "abs_diff_histogram: counts must be a contiguous int64 CPU tensor of 2**bits elements");

@@ -2,6 +2,7 @@
 // csrc/cpu/select.cpp). Compiled only against a CUDA build of torch.
 
 #include "select.h"
+#include "../select_args.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,13 +33,7 @@ void abs_diff_histogram_cuda(const Tensor& a, const Tensor& b, int64_t prefix, i
   TORCH_CHECK(a.is_cuda() && a.is_contiguous(), "abs_diff_histogram: a must be a contiguous CUDA tensor");
   TORCH_CHECK(b.device() == a.device() && b.is_contiguous() && b.numel() == a.numel(),
               "abs_diff_histogram: b must be a contiguous tensor of a's ", a.numel(), " elements on ", a.device());
-  TORCH_CHECK(bits >= 1 && bits <= 16, "abs_diff_histogram: bits must be in [1, 16], got ", bits);
-  TORCH_CHECK(high_shift >= bits && high_shift <= 31, "abs_diff_histogram: high_shift must be in [bits, 31], got ",
-              high_shift);
-  TORCH_CHECK(shift >= 0 && shift + bits <= high_shift,
-              "abs_diff_histogram: shift must be in [0, high_shift - bits], got ", shift);
-  TORCH_CHECK(prefix >= 0 && prefix < (int64_t{1} << (31 - high_shift)),
-              "abs_diff_histogram: prefix must be in [0, 2**(31 - high_shift)), got ", prefix);
+  check_digit_args(prefix, high_shift, shift, bits);
   TORCH_CHECK(counts.device() == a.device() && counts.is_contiguous() && counts.scalar_type() == at::kLong &&
                   counts.numel() == (int64_t{1} << bits),
               "abs_diff_histogram: counts must be a contiguous int64 tensor of 2**bits elements on ", a.device());
