@@ -2,7 +2,7 @@
 
 The text is the Python documentation that every CPython ships for ``help()`` (the
 ``pydoc_data.topics`` module: 79 topics, about 465 000 characters of English prose and
-code), tokenized with SmolLM2's own tokenizer from the GGUF file and cut into sequences.
+code), tokenized with SmolLM2's own tokenizer and cut into sequences.
 """
 
 import torch
@@ -11,8 +11,8 @@ import torch
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from sparseft.bench.sparse import GGUF_FILE, gguf_model_dir
-    return AutoTokenizer.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE)
+    from sparseft.finetune.model import checkpoint_dir
+    return AutoTokenizer.from_pretrained(checkpoint_dir())
 
 
 def token_ids():

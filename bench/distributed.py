@@ -13,7 +13,7 @@ Wrappers: plain (one process, no wrapper: the baseline), ddp (DistributedDataPar
 computed inside the wrapped module's forward, so FSDP2 unshards the tied embedding/head for it.
 
 The runner prepares the inputs once: it loads SmolLM2 through bench/sparse.py's load_model
-(dequantizing the GGUF file), saves it as a state dict for the cases to load quickly, and selects
+(the checkpoint `sparseft finetune` converts once), saves it as a state dict for the cases to load quickly, and selects
 the LIFT masks into a MaskSet file (unless --masks names one). Each case then runs in fresh
 processes spawned by torch.multiprocessing (N gloo ranks, or one plain process, with
 bench/measure.py's CHILD_ENV malloc settings), so each peak is its own. Ranks share the
@@ -71,13 +71,11 @@ def _tiny_llama():
 
 def prepare(tiny, lift_rank, model_dir, masks_out):
     """Saves the model (SmolLM2 via load_model, or a tiny Llama) to model_dir as a config and a
-    state dict (a GGUF-loaded model refuses save_pretrained) and, when masks_out is given, its
+    state dict that every case loads alike and, when masks_out is given, its
     LIFT masks; returns the selection's facts."""
     from sparseft.bench.sparse import load_model
     from sparseft.masks import lift
     model = _tiny_llama() if tiny else load_model("cpu", torch.float32)
-    if getattr(model.config, "quantization_config", None) is not None:  # the weights are dequantized
-        del model.config.quantization_config
     model.config.save_pretrained(model_dir)
     torch.save(model.state_dict(), os.path.join(model_dir, WEIGHTS))
     if not masks_out:

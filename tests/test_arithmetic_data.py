@@ -149,7 +149,7 @@ def test_tokenize_bad_input():
 def smollm2_tokenizer():
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from sparseft.bench.sparse import gguf_model_dir
+    from sparseft.finetune.model import gguf_model_dir
     try:
         gguf_model_dir()
     except FileNotFoundError:
