@@ -101,7 +101,7 @@ def test_verdicts_follow_the_rows():
 
 def _row(method, loss, seed, accuracy, ppl, peak=100, lines=()):
     return {"method": method, "loss": loss, "seed": seed, "after": {"accuracy": accuracy, "perplexity": ppl},
-            "peak_bytes": peak, "step_s": 1.0, "trainable": 10, "lines": list(lines)}
+            "peak_bytes": peak, "step_s": 1.0 + seed, "trainable": 10, "lines": list(lines)}
 
 
 def test_seeds_are_judged_on_their_means_with_paired_spreads():
@@ -112,13 +112,14 @@ def test_seeds_are_judged_on_their_means_with_paired_spreads():
     means = {(r["method"], r["loss"]): r for r in compare.mean_rows(rows)}
     assert means[("adamw", "plain")]["after"]["perplexity"] == pytest.approx(13.0)
     assert means[("adamw", "plain")]["per_seed"]["accuracy"] == [0.5, 0.3, 0.4]
+    assert means[("adamw", "plain")]["step_s"] == 1.0  # the fastest seed's
     verdict = compare.verdicts(rows)["thought masks ≥ plain loss accuracy"]
     assert verdict["met"] and verdict["difference"]["masked-thought"] == pytest.approx(0.05)
     assert verdict["difference_per_seed"]["masked-thought"] == pytest.approx([0.1, -0.1, 0.15])
     assert verdict["difference_sd"]["masked-thought"] == pytest.approx(0.1322876, rel=1e-5)
     printed = compare.table(rows)
     assert "0.400±0.100" in printed and "+3.00±1.00" in printed  # Δppl's spread pairs each seed with its base
-    with pytest.raises(ValueError, match="adamw/plain: seed"):
+    with pytest.raises(ValueError, match="adamw/plain: a seed appears more than once"):
         compare.mean_rows(rows + [_row("adamw", "plain", 1, 0.9, 11.0)])
 
 
@@ -135,3 +136,25 @@ def test_report_from_earlier_runs_combines_their_seeds(tmp_path):
     full = next(r for r in report["means"] if r["method"] == "adamw")
     assert full["seeds"] == [0, 1] and full["after"]["accuracy"] == pytest.approx(0.3)
     assert (tmp_path / "both" / "accuracy_vs_forgetting.png").stat().st_size > 0
+
+
+def test_a_seed_reproduces_its_run(tmp_path):
+    """Two runs of one seed give the same loss, accuracy and perplexity (so the spread over seeds
+    is the seeds', not run-to-run noise); another seed gives another loss. LIFT: its selection
+    is a randomized factorisation."""
+    _smollm2_or_skip()
+    method = "lift"
+
+    def run(seed, name):
+        out = tmp_path / name
+        out.mkdir()
+        done = subprocess.run([sys.executable, "-m", "sparseft.finetune.job", "--tiny", "--method", method,
+                               "--steps", "3", "--batch-size", "2", "--eval-problems", "2", "--no-lines", "--quiet",
+                               "--seed", str(seed), "--out", str(out)], capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / f"{method}-plain-{seed}.json").read_text())
+
+    first, again, other = run(0, "a"), run(0, "b"), run(1, "c")
+    assert first["final_loss"] == again["final_loss"]
+    assert first["after"] == {**again["after"], "eval_s": first["after"]["eval_s"]}
+    assert first["final_loss"] != other["final_loss"]

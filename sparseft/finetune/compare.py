@@ -2,7 +2,8 @@
 fresh process (``sparseft.finetune.job``), with the issue's claims checked on the result.
 
 Output directory: one JSON row per run and seed and the untuned model's, ``results.json`` (all
-rows, their means over seeds, the targets and their verdicts, judged on the means), ``accuracy_vs_forgetting.png`` and each sparse run's delta.
+rows, their means over seeds, the targets and their verdicts, judged on the means),
+``accuracy_vs_forgetting.png`` and each sparse run's delta.
 """
 
 import json
@@ -49,7 +50,8 @@ def _sd(values):
 
 def mean_rows(rows):
     """One row per (method, loss), in first-seen order: the mean over seeds of every reported
-    number, with ``seeds`` and ``per_seed`` (accuracy, perplexity in seed order). Failed runs are
+    number but ``step_s``, the fastest seed's (other work on the machine only ever slows a step
+    down), with ``seeds`` and ``per_seed`` (accuracy, perplexity in seed order). Failed runs are
     left out; a run given twice for one seed is an error."""
     groups = {}
     for r in rows:
@@ -60,13 +62,13 @@ def mean_rows(rows):
         runs = sorted(runs, key=lambda r: r.get("seed", 0))
         seeds = [r.get("seed", 0) for r in runs]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"{method}/{loss}: seed {seeds} given more than once")
+            raise ValueError(f"{method}/{loss}: a seed appears more than once among its runs' seeds {seeds}")
         per_seed = {key: [r["after"][key] for r in runs] for key in ("accuracy", "perplexity")}
         row = {"method": method, "loss": loss, "seeds": seeds, "per_seed": per_seed,
                "after": {key: _mean(values) for key, values in per_seed.items()}}
-        for key in ("peak_bytes", "step_s", "trainable"):
+        for key, combine in (("peak_bytes", _mean), ("trainable", _mean), ("step_s", min)):
             if key in runs[0]:
-                row[key] = _mean([r[key] for r in runs])
+                row[key] = combine([r[key] for r in runs])
         points = [r.get("lines", []) for r in runs]
         if points and all(len(p) == len(points[0]) for p in points):
             row["lines"] = [{"alpha": grid[0]["alpha"], "beta": grid[0].get("beta"),
