@@ -124,7 +124,10 @@ def right_singular_vectors(a, rank, *, oversample=8, power_iters=2, warm_start=N
     (summing a tensor in place over the processes) turns each local n×k product into AᵀA·Q: the
     only communication is power_iters + 1 all-reduces of n×k float32, never A itself, and every
     process ends with the same V (same seed, same warm start). Squaring the singular values
-    costs float32 precision only in directions far below the leading ones."""
+    costs float32 precision: directions with σᵢ/σ₁ below about 3·10⁻⁴ are lost (overlap 0.93
+    instead of 0.997 on a 4096² gradient with SmolLM2's fitted decay at r = 128). Without
+    ``all_reduce`` each product is therefore Aᵀ·orth(A·Q), which keeps σ; sharded, that would
+    need a tall-skinny QR over the processes (not done)."""
     if not isinstance(a, torch.Tensor) or a.dim() != 2 or not a.is_floating_point():
         raise ValueError(f"a: expected a 2-D floating-point tensor, got {getattr(a, 'shape', type(a).__name__)}")
     n = a.shape[1]
@@ -140,8 +143,10 @@ def right_singular_vectors(a, rank, *, oversample=8, power_iters=2, warm_start=N
         blocks.append(torch.randn(n, drawn, generator=generator, device=a.device, dtype=torch.float32))
     q = _orthonormal(torch.cat(blocks, dim=1))
     for iteration in range(power_iters + 1):
-        y = a.T @ (a @ q)
-        if all_reduce is not None:
+        if all_reduce is None:  # one process: orthonormalise A·Q first, so float32 keeps σ, not σ²
+            y = a.T @ _orthonormal(a @ q)
+        else:
+            y = a.T @ (a @ q)
             all_reduce(y)
         if iteration < power_iters:
             q = _orthonormal(y)
