@@ -39,8 +39,9 @@ def _increase(row, base):
     return row["perplexity"] - base["after"]["perplexity"]
 
 
-def _mean(values):
-    return sum(values) / len(values)
+def _increases(row, base):
+    """Each seed's perplexity increase over the same seed's untuned model."""
+    return [p - b for p, b in zip(row["per_seed"]["perplexity"], base["per_seed"]["perplexity"])]
 
 
 def _sd(values):
@@ -65,15 +66,16 @@ def mean_rows(rows):
             raise ValueError(f"{method}/{loss}: a seed appears more than once among its runs' seeds {seeds}")
         per_seed = {key: [r["after"][key] for r in runs] for key in ("accuracy", "perplexity")}
         row = {"method": method, "loss": loss, "seeds": seeds, "per_seed": per_seed,
-               "after": {key: _mean(values) for key, values in per_seed.items()}}
-        for key, combine in (("peak_bytes", _mean), ("trainable", _mean), ("step_s", min)):
+               "after": {key: statistics.fmean(values) for key, values in per_seed.items()}}
+        for key, combine in (("peak_bytes", statistics.fmean), ("trainable", statistics.fmean), ("step_s", min)):
             if key in runs[0]:
                 row[key] = combine([r[key] for r in runs])
         points = [r.get("lines", []) for r in runs]
         if points and all(len(p) == len(points[0]) for p in points):
             row["lines"] = [{"alpha": grid[0]["alpha"], "beta": grid[0].get("beta"),
-                             "accuracy": _mean([p["accuracy"] for p in grid]),
-                             "perplexity": _mean([p["perplexity"] for p in grid])} for grid in zip(*points)]
+                             "accuracy": statistics.fmean([p["accuracy"] for p in grid]),
+                             "perplexity": statistics.fmean([p["perplexity"] for p in grid])}
+                            for grid in zip(*points)]
         means.append(row)
     return means
 
@@ -146,7 +148,7 @@ def table(rows):
         if base:
             delta = f"{_increase(after, base):+.2f}"
             if len(r["seeds"]) > 1 and r["seeds"] == base["seeds"]:
-                delta += f"±{_sd([a - b for a, b in zip(spread['perplexity'], base['per_seed']['perplexity'])]):.2f}"
+                delta += f"±{_sd(_increases(r, base)):.2f}"
         grid = " ".join(f"{p['alpha']}:{p['accuracy']:.2f}/{p['perplexity']:.2f}" for p in r.get("lines", []))
         extra = ("" if r["method"] == "base" else
                  f"{r['peak_bytes'] / 2**20:9.0f} {r['step_s']:7.2f} {round(r['trainable']):11,d}")
@@ -167,8 +169,7 @@ def plot(rows, path):
     for r in means:
         if r["method"] == "base":
             continue
-        increases = [p - b for p, b in zip(r["per_seed"]["perplexity"], base["per_seed"]["perplexity"])]
-        point = axes.errorbar(_increase(r["after"], base), r["after"]["accuracy"], xerr=_sd(increases),
+        point = axes.errorbar(_increase(r["after"], base), r["after"]["accuracy"], xerr=_sd(_increases(r, base)),
                               yerr=_sd(r["per_seed"]["accuracy"]), fmt="o", capsize=3,
                               label=f"{r['method']}/{r['loss']}")
         for p in r.get("lines", []):

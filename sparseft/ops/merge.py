@@ -163,8 +163,9 @@ def merge_tensor_torch(base, tuned, weights, thresholds, keep_probs, cutoffs, se
 
 
 # ----------------------------------------------------------------------------- dispatch
-KERNELS = _backends.OpKernels(merge_tensor_torch, native_op="merge_tensor", triton_module="sparseft.kernels.merge",
-                              triton_function="merge_tensor_triton")
+KERNELS = _backends.OpKernels(merge_tensor_torch, native_op="merge_tensor",
+                              triton_module="sparseft.kernels.merge", triton_function="merge_tensor_triton",
+                              implemented=IMPLEMENTED)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -48,8 +48,9 @@ def abs_diff_histogram_torch(a, b, prefix, high_shift, shift, bits, counts):
 
 
 # ----------------------------------------------------------------------------- dispatch
-KERNELS = _backends.OpKernels(abs_diff_histogram_torch, native_op="abs_diff_histogram", triton_module="sparseft.kernels.select",
-                              triton_function="abs_diff_histogram_triton")
+KERNELS = _backends.OpKernels(abs_diff_histogram_torch, native_op="abs_diff_histogram",
+                              triton_module="sparseft.kernels.select", triton_function="abs_diff_histogram_triton",
+                              implemented=IMPLEMENTED)
 
 
 # ----------------------------------------------------------------------------- checks
